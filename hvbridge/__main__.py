@@ -1,0 +1,7 @@
+"""`python -m hvbridge` runs the command line."""
+
+from __future__ import annotations
+
+from hvbridge.cli import main
+
+main()

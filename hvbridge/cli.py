@@ -1,0 +1,271 @@
+"""The `hvbridge` command line (SPEC 2): run, check, forward, connect, hyperv.
+
+This module owns argument parsing, exit codes and the process's signal handling. Exit status:
+0 clean exit; 1 a user error (HvbridgeError), printed as `Error: ...` lines on stderr with no
+traceback; 2 bad usage (click). Anything else escaping is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar
+
+import click
+import trio
+
+from hvbridge import __version__, endpoints
+from hvbridge.config import RouteTable, format_table, load_config, table_from_mapping
+from hvbridge.errors import ConfigError, HvbridgeError
+from hvbridge.logs import event, setup_logging
+from hvbridge.relay import relay
+from hvbridge.supervisor import Supervisor, serve_routes
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+P = ParamSpec("P")
+R = TypeVar("R")
+LogFormat = Literal["text", "json"]
+
+
+class UserError(click.ClickException):
+    """An HvbridgeError for the user: one `Error: ...` line per problem, exit status 1."""
+
+    def show(self, file: object = None) -> None:
+        """Print each line of the message as its own `Error: ...` line on stderr."""
+        for line in self.message.splitlines() or [""]:
+            click.echo(f"Error: {line}", err=True)
+
+
+def _first_user_error(exc: BaseException) -> HvbridgeError | None:
+    if isinstance(exc, HvbridgeError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _first_user_error(sub)
+            if found is not None:
+                return found
+    return None
+
+
+def _user_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn HvbridgeError (also inside exception groups) into exit status 1 with `Error:` lines."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (HvbridgeError, BaseExceptionGroup) as exc:
+            found = _first_user_error(exc)
+            if found is None:
+                raise
+            raise UserError(str(found)) from None
+
+    return wrapper
+
+
+def _log_level(verbose: int, quiet: int, configured: str) -> str:
+    if verbose:
+        return "debug"
+    if quiet:
+        return "warning" if quiet == 1 else "error"
+    return configured
+
+
+class _Main(click.Group):
+    """`hvbridge -c FILE` with no command runs the table, as `hvbridge run -c FILE` does."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Insert `run` when the first argument is an option and no command follows."""
+        if (args and args[0] in ("-c", "--config")) or any(a.startswith("--config=") for a in args[:1]):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+_verbose = click.option("-v", "--verbose", count=True, help="More log output (debug).")
+_quiet = click.option("-q", "--quiet", count=True, help="Less log output (-q warning, -qq error).")
+_log_format = click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="Log as text or one JSON object per line.",
+)
+_config = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    required=True,
+    metavar="FILE",
+    help="Route table (.toml, .yaml, .yml; `-` reads TOML from stdin).",
+)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hvbridge")
+def main() -> None:
+    """Relay TCP and Unix sockets to and from VM sockets (AF_VSOCK, Hyper-V sockets).
+
+    \b
+    hvbridge -c routes.toml            run every route (same as `hvbridge run -c ...`)
+    hvbridge check -c routes.toml      validate and print the resolved table
+    hvbridge forward LISTEN CONNECT    one ad-hoc route, no file
+    hvbridge connect ENDPOINT          stdin/stdout <-> ENDPOINT (ssh ProxyCommand)
+    """
+
+
+@main.command()
+@_config
+@_verbose
+@_quiet
+@_log_format
+@_user_errors
+def run(config_path: str, verbose: int, quiet: int, log_format: LogFormat | None) -> None:
+    """Run every route of the route table until SIGINT/SIGTERM."""
+    table = load_config(config_path)
+    _serve(table, verbose, quiet, log_format)
+
+
+@main.command()
+@_config
+@_user_errors
+def check(config_path: str) -> None:
+    """Validate the route table and print it resolved; opens nothing. Exit 0 valid, 1 not."""
+    table = load_config(config_path)
+    click.echo(format_table(table), nl=False)
+    for route in table.routes:
+        for key, address in (("listen", route.listen), ("connect", route.connect)):
+            why = endpoints.unavailable_reason(address)
+            if why is not None:
+                click.echo(
+                    f"warning: routes.{route.name}.{key}: {why}; this route cannot run here",
+                    err=True,
+                )
+
+
+@main.command()
+@click.argument("listen")
+@click.argument("connect_to", metavar="CONNECT")
+@click.option("--connect-timeout", default="5s", show_default=True, help="Give up connecting after this long.")
+@click.option("--connect-retries", default=0, show_default=True, help="Extra connect attempts, with backoff.")
+@click.option(
+    "--idle-timeout",
+    default="0s",
+    show_default=True,
+    help="Close connections idle this long (0: never).",
+)
+@click.option("--max-connections", default=1024, show_default=True, help="Most connections at once.")
+@click.option(
+    "--half-close/--no-half-close",
+    default=True,
+    show_default=True,
+    help="Pass EOF on one way at a time.",
+)
+@click.option("--allow", multiple=True, help="Peer allowed to connect (CIDR, cid:N, vm:GUID); repeatable.")
+@click.option("--mode", default="0600", show_default=True, help="File mode of a Unix listener.")
+@_verbose
+@_quiet
+@_log_format
+@_user_errors
+def forward(
+    listen: str,
+    connect_to: str,
+    connect_timeout: str,
+    connect_retries: int,
+    idle_timeout: str,
+    max_connections: int,
+    half_close: bool,
+    allow: tuple[str, ...],
+    mode: str,
+    verbose: int,
+    quiet: int,
+    log_format: LogFormat | None,
+) -> None:
+    """Relay connections accepted on LISTEN to CONNECT (one route, no file)."""
+    route: dict[str, object] = {
+        "listen": listen,
+        "connect": connect_to,
+        "connect_timeout": connect_timeout,
+        "connect_retries": connect_retries,
+        "idle_timeout": idle_timeout,
+        "max_connections": max_connections,
+        "half_close": half_close,
+    }
+    if allow:
+        route["allow"] = list(allow)
+    if listen.startswith(("unix:", "vsock-mux:")):
+        route["mode"] = mode
+    table = table_from_mapping({"routes": {"forward": route}}, source="<command line>")
+    _serve(table, verbose, quiet, log_format)
+
+
+@main.command(name="connect")
+@click.argument("endpoint")
+@click.option("--connect-timeout", default="5s", show_default=True, help="Give up connecting after this long.")
+@click.option("--connect-retries", default=0, show_default=True, help="Extra connect attempts, with backoff.")
+@_verbose
+@_quiet
+@_log_format
+@_user_errors
+def connect_command(
+    endpoint: str,
+    connect_timeout: str,
+    connect_retries: int,
+    verbose: int,
+    quiet: int,
+    log_format: LogFormat | None,
+) -> None:
+    """Relay stdin/stdout to ENDPOINT until both ways are done (e.g. as ssh ProxyCommand)."""
+    table = table_from_mapping(
+        {
+            "routes": {
+                "connect": {
+                    "listen": "unix:@hvbridge-connect-unused",
+                    "connect": endpoint,
+                    "connect_timeout": connect_timeout,
+                    "connect_retries": connect_retries,
+                }
+            }
+        },
+        source="<command line>",
+    )
+    # Quiet by default: ssh shows a ProxyCommand's stderr to its user.
+    setup_logging(_log_level(verbose, quiet, "warning"), log_format or "text")
+    route = table.routes[0]
+
+    async def _connect() -> None:
+        async with trio.open_nursery() as nursery:
+            supervisor = Supervisor(nursery)
+            backend = await supervisor.open_backend(route)
+            result = await relay(endpoints.open_stdio_stream(), backend, half_close=True)
+            event(
+                logging.DEBUG,
+                "connection closed",
+                target=str(route.connect),
+                bytes_in=result.client_to_backend,
+                bytes_out=result.backend_to_client,
+                reason=result.reason,
+            )
+
+    trio.run(_connect)
+
+
+def _serve(table: RouteTable, verbose: int, quiet: int, log_format: LogFormat | None) -> None:
+    setup_logging(_log_level(verbose, quiet, table.bridge.log_level), log_format or table.bridge.log_format)
+    for route in table.routes:
+        for address in (route.listen, route.connect):
+            why = endpoints.unavailable_reason(address)
+            if why is not None:
+                raise ConfigError.single(table.source, f"routes.{route.name}", f"{address}: {why}")
+    trio.run(_serve_until_signal, table)
+
+
+async def _serve_until_signal(table: RouteTable) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_routes, table)
+            async for signum in signals:
+                event(logging.INFO, f"received {signal.Signals(signum).name}; stopping")
+                nursery.cancel_scope.cancel()
+                break

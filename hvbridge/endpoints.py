@@ -1,0 +1,374 @@
+"""Endpoints: open listeners on and connect to addresses; the I/O edge of hvbridge.
+
+This module owns socket creation for TCP and Unix and dispatches the VM families to their own
+modules (vsock.py, hvsock.py). It turns OSError into EndpointError with a message that says
+what to do, keeping the cause. Everything here returns trio streams and listeners; the relay
+never learns which family it pumps.
+
+Unix listener files (SPEC 3.2): created with the route's mode (default 0600) and owner/group;
+an existing *socket* file is replaced only when nothing accepts on it (stale); any other kind
+of file, or a symlink, is an error and is never deleted or followed. The file is removed when
+the listener closes, if it is still ours.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import pwd
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeAlias, assert_never, final
+
+import attrs
+import trio
+
+from hvbridge.addresses import (
+    Address,
+    HyperVAddress,
+    StdioAddress,
+    TcpAddress,
+    UnixAddress,
+    VsockAddress,
+    VsockMuxAddress,
+)
+from hvbridge.config import RouteOptions
+from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
+
+Stream: TypeAlias = trio.abc.HalfCloseableStream
+Listener: TypeAlias = trio.abc.Listener[Stream]
+OpenListeners: TypeAlias = Callable[[Address, RouteOptions], Awaitable[list[Listener]]]
+Connect: TypeAlias = Callable[[Address, RouteOptions], Awaitable[Stream]]
+
+#: connect() errors that mean "the backend is not there (yet)": logged as such, retried.
+UNAVAILABLE_ERRNOS: Final = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ETIMEDOUT,
+        errno.ENOENT,
+        errno.ENODEV,
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+        errno.EHOSTDOWN,
+        errno.ECONNABORTED,
+        10060,  # WSAETIMEDOUT
+        10061,  # WSAECONNREFUSED
+    }
+)
+_BACKLOG: Final = 4096
+
+
+async def open_listeners(address: Address, options: RouteOptions) -> list[Listener]:
+    """Bind and listen on `address`; return one listener per bound socket.
+
+    A TCP host name may bind several sockets (IPv4 and IPv6). Port 0 binds an ephemeral port;
+    listener_address() tells which.
+
+    Raises:
+        EndpointError: The address cannot be bound (in use, permission, unsafe file...).
+        AddressFamilyUnavailable: This OS cannot listen on the family.
+    """
+    match address:
+        case TcpAddress():
+            return await _open_tcp_listeners(address)
+        case UnixAddress():
+            return [_open_unix_listener(address, options)]
+        case VsockAddress():
+            from hvbridge import vsock
+
+            return [await vsock.open_vsock_listener(address, options)]
+        case VsockMuxAddress():
+            from hvbridge import vsock
+
+            return [await vsock.open_mux_listener(address, options)]
+        case HyperVAddress():
+            from hvbridge import hvsock
+
+            return [await hvsock.open_hvsock_listener(address, options)]
+        case StdioAddress():
+            raise EndpointError(str(address), "listen", "stdio cannot listen")
+        case _:
+            assert_never(address)
+
+
+async def connect(address: Address, options: RouteOptions) -> Stream:
+    """Open a stream to `address`. The caller bounds the wait (connect_timeout).
+
+    Raises:
+        BackendUnavailable: Refused, reset, unreachable, no such socket file: worth a retry.
+        EndpointError: Any other failure.
+        AddressFamilyUnavailable: This OS cannot connect to the family.
+    """
+    match address:
+        case TcpAddress():
+            return await _connect_tcp(address)
+        case UnixAddress():
+            return await _connect_unix(address)
+        case VsockAddress():
+            from hvbridge import vsock
+
+            return await vsock.connect_vsock(address, options)
+        case VsockMuxAddress():
+            from hvbridge import vsock
+
+            return await vsock.connect_mux(address, options)
+        case HyperVAddress():
+            from hvbridge import hvsock
+
+            return await hvsock.connect_hvsock(address, options)
+        case StdioAddress():
+            return open_stdio_stream()
+        case _:
+            assert_never(address)
+
+
+def translate_connect_error(address: Address, exc: OSError) -> EndpointError:
+    """The EndpointError for a failed connect: BackendUnavailable when a retry may help."""
+    if isinstance(exc, socket.gaierror):
+        return BackendUnavailable(str(address), "connect", f"cannot resolve host name: {exc.strerror}")
+    errnos = {exc.errno} | {getattr(e, "errno", None) for e in _sub_errors(exc)}
+    message = f"{exc.strerror or exc}"
+    if errnos & UNAVAILABLE_ERRNOS:
+        return BackendUnavailable(str(address), "connect", f"backend unavailable ({message})")
+    return EndpointError(str(address), "connect", message)
+
+
+def _sub_errors(exc: OSError) -> list[BaseException]:
+    # trio.open_tcp_stream raises one OSError whose cause is a group of per-address errors.
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        return list(cause.exceptions)
+    return []
+
+
+# ---------------------------------------------------------------------------------------- TCP
+
+
+async def _open_tcp_listeners(address: TcpAddress) -> list[Listener]:
+    try:
+        listeners = await trio.open_tcp_listeners(address.port, host=address.host, backlog=_BACKLOG)
+    except OSError as exc:
+        raise EndpointError(str(address), "listen", _listen_hint(exc)) from exc
+    return list(listeners)
+
+
+async def _connect_tcp(address: TcpAddress) -> Stream:
+    try:
+        stream = await trio.open_tcp_stream(address.host, address.port)
+    except OSError as exc:
+        raise translate_connect_error(address, exc) from exc
+    return stream
+
+
+def _listen_hint(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use; stop the other process or choose another port/path"
+    if exc.errno == errno.EACCES:
+        return "permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "address not available on this machine; use an address of a local interface"
+    return exc.strerror or str(exc)
+
+
+# --------------------------------------------------------------------------------------- Unix
+
+
+@final
+@attrs.define(eq=False)
+class UnixListener(trio.abc.Listener[Stream]):
+    """A SocketListener on a Unix path that removes its socket file when closed."""
+
+    listener: trio.SocketListener
+    path: str | None
+    inode: tuple[int, int] | None
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The listening socket."""
+        return self.listener.socket
+
+    async def accept(self) -> Stream:
+        """Accept one connection."""
+        return await self.listener.accept()
+
+    async def aclose(self) -> None:
+        """Stop listening and remove the socket file if it is still the one we bound."""
+        await self.listener.aclose()
+        if self.path is not None:
+            try:
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self.inode:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def _open_unix_listener(address: UnixAddress, options: RouteOptions) -> UnixListener:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not address.abstract:
+            _clear_stale_socket(address)
+        old_umask = os.umask(0o777 & ~options.mode)
+        try:
+            sock.bind(address.sockaddr)
+        finally:
+            os.umask(old_umask)
+        inode = None
+        if not address.abstract:
+            st = os.lstat(address.path)
+            inode = (st.st_dev, st.st_ino)
+            _apply_owner(address, options)
+            os.chmod(address.path, options.mode, follow_symlinks=False)
+        sock.listen(_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise EndpointError(str(address), "listen", _listen_hint(exc)) from exc
+    except EndpointError:
+        sock.close()
+        raise
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    return UnixListener(listener, None if address.abstract else address.path, inode)
+
+
+def _clear_stale_socket(address: UnixAddress) -> None:
+    path = address.path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise EndpointError(
+            str(address),
+            "listen",
+            "path is a symlink; refusing to follow or delete it, choose another path",
+        )
+    if not stat.S_ISSOCK(st.st_mode):
+        raise EndpointError(
+            str(address),
+            "listen",
+            "a file that is not a socket is in the way; refusing to delete it, remove it or choose another path",
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # stale: nobody accepts on it
+        return
+    finally:
+        probe.close()
+    raise EndpointError(str(address), "listen", "another process is listening on this socket; stop it first")
+
+
+def _apply_owner(address: UnixAddress, options: RouteOptions) -> None:
+    if options.owner is None and options.group is None:
+        return
+    uid = _lookup(options.owner, pwd.getpwnam, "owner", address) if options.owner else -1
+    gid = _lookup(options.group, grp.getgrnam, "group", address) if options.group else -1
+    os.chown(address.path, uid, gid, follow_symlinks=False)
+
+
+def _lookup(
+    name: str,
+    getter: Callable[[str], pwd.struct_passwd] | Callable[[str], grp.struct_group],
+    what: str,
+    address: Address,
+) -> int:
+    if name.isdigit():
+        return int(name)
+    try:
+        entry = getter(name)
+    except KeyError:
+        raise EndpointError(
+            str(address), "listen", f"unknown {what} {name!r}; expected a user/group name or id"
+        ) from None
+    return entry[2]
+
+
+async def _connect_unix(address: UnixAddress) -> Stream:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.connect(address.sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise translate_connect_error(address, exc) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+# -------------------------------------------------------------------------------------- stdio
+
+
+def open_stdio_stream() -> Stream:
+    """Standard input and output as one half-closeable stream (for `hvbridge connect`).
+
+    send_eof() closes our copy of stdout, so the reader on the other end sees EOF.
+    """
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    stdout = trio.lowlevel.FdStream(os.dup(1))
+    return trio.StapledStream(stdout, stdin)
+
+
+# ---------------------------------------------------------------------------------- addresses
+
+
+def listener_address(listener: Listener) -> str:
+    """The bound address of a listener in its endpoint text form (shows the real port)."""
+    sock = getattr(listener, "socket", None)
+    if sock is None:
+        return repr(listener)
+    return sockaddr_text(sock.family, sock.getsockname())
+
+
+def peer_address(stream: trio.abc.Stream) -> tuple[int, object] | None:
+    """The (family, sockaddr) of a socket stream's peer, or None for other streams."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return None
+    try:
+        return sock.family, sock.getpeername()
+    except OSError:
+        return None
+
+
+def sockaddr_text(family: int, sockaddr: object) -> str:
+    """A socket address as endpoint text: `tcp://127.0.0.1:80`, `unix:///x`, `vsock://3:22`."""
+    if family in (socket.AF_INET, socket.AF_INET6) and isinstance(sockaddr, tuple):
+        host, port = sockaddr[0], sockaddr[1]
+        return str(TcpAddress(str(host).partition("%")[0], int(port)))
+    if family == socket.AF_UNIX:
+        if isinstance(sockaddr, bytes):
+            sockaddr = sockaddr.decode("utf-8", "replace")
+        if not sockaddr:
+            return "unix:(unnamed)"
+        assert isinstance(sockaddr, str)
+        return f"unix:@{sockaddr[1:]}" if sockaddr.startswith("\0") else f"unix://{sockaddr}"
+    if family == getattr(socket, "AF_VSOCK", -1) and isinstance(sockaddr, tuple):
+        return str(VsockAddress(int(sockaddr[0]), int(sockaddr[1])))
+    return str(sockaddr)
+
+
+def unavailable_reason(address: Address) -> str | None:
+    """Why this OS or Python cannot use `address`'s family, or None if it can."""
+    match address:
+        case VsockAddress():
+            if not hasattr(socket, "AF_VSOCK"):
+                return "AF_VSOCK needs Linux"
+        case HyperVAddress():
+            if not hasattr(socket, "AF_HYPERV"):
+                return "Hyper-V sockets (AF_HYPERV) need Windows and Python >= 3.12"
+        case TcpAddress() | UnixAddress() | VsockMuxAddress() | StdioAddress():
+            pass
+        case _:
+            assert_never(address)
+    return None
+
+
+def family_unavailable(address: Address, why: str) -> AddressFamilyUnavailable:
+    """The error for a family this OS or Python cannot use, for the VM-family modules."""
+    return AddressFamilyUnavailable(str(address), "open", why)
