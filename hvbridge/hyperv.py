@@ -1,8 +1,21 @@
-"""Hyper-V socket naming: service GUIDs, the vsock port template and the VmId wildcards (pure).
+"""Hyper-V naming: service GUIDs, the vsock port template, VmId wildcards, the service registry
+and the VM-name lookup.
 
 This module owns the mapping between Hyper-V names and GUIDs. It never imports trio and never
-creates sockets; the Windows registry and the VM-name lookup sit behind small interfaces here
-so that tests drive them on Linux.
+creates sockets. The two pieces that touch Windows sit behind small interfaces, so that tests
+drive all of their logic on Linux:
+
+- ServiceRegistry: the GuestCommunicationServices registry key (`hvbridge hyperv register`).
+  WinRegistry is the real one (winreg, Windows only); MemoryRegistry is an in-memory stand-in.
+  register_service()/unregister_service()/list_services() hold the rules (GUIDs compare as
+  uuid.UUID, a duplicate is refused, OSError becomes a RegistryError that says what to do).
+- VmLookup: VM names and VmIds (`hvsock://my-vm/22`, `hvsock://wsl/22`, `hyperv vms`).
+  SubprocessVmLookup runs PowerShell Get-VM (falling back to the WMI class
+  Msvm_ComputerSystem), `wsl.exe --exec wslinfo --vm-id` and `hcsdiag list`, and parses their
+  output with the pure parse_*() functions below. Its scripts take no user data at all: every
+  VM is listed and the name is matched here, so nothing is ever spliced into a command line.
+  VmResolver caches name -> VmId and re-resolves on request (hvsock.py does after a failed
+  connect: VmIds change when a VM is recreated or WSL restarts).
 
 A Linux guest's AF_VSOCK port P is the Hyper-V service `{P:08x}-facb-11e6-bd58-64006a7986d3`
 (Microsoft, "Make your own integration services", the VSockTemplate GUID).
@@ -10,8 +23,19 @@ A Linux guest's AF_VSOCK port P is the Hyper-V service `{P:08x}-facb-11e6-bd58-6
 
 from __future__ import annotations
 
+import base64
+import json
+import re
+import subprocess
+import sys
+import time
 import uuid
-from typing import Final
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final, Protocol, final
+
+import attrs
+
+from hvbridge.errors import HvbridgeError
 
 #: The Hyper-V service GUID template for AF_VSOCK ports (its first field is the port).
 VSOCK_TEMPLATE: Final = uuid.UUID("00000000-facb-11e6-bd58-64006a7986d3")
@@ -20,6 +44,7 @@ VSOCK_TEMPLATE: Final = uuid.UUID("00000000-facb-11e6-bd58-64006a7986d3")
 MAX_VSOCK_PORT: Final = 2**32 - 2
 
 HV_GUID_ZERO: Final = uuid.UUID("00000000-0000-0000-0000-000000000000")
+HV_GUID_WILDCARD: Final = HV_GUID_ZERO
 HV_GUID_BROADCAST: Final = uuid.UUID("ffffffff-ffff-ffff-ffff-ffffffffffff")
 HV_GUID_CHILDREN: Final = uuid.UUID("90db8b89-0d35-4f79-8ce9-49ea0ac8b7cd")
 HV_GUID_LOOPBACK: Final = uuid.UUID("e0e16197-dd56-4a10-9195-5ee7a155a838")
@@ -37,6 +62,24 @@ VM_WILDCARDS: Final[dict[str, uuid.UUID]] = {
     "broadcast": HV_GUID_BROADCAST,
     "silohost": HV_GUID_SILOHOST,
 }
+
+#: The VM name that means "the running WSL2 utility VM" in `hvsock://wsl/PORT`.
+WSL_VM_NAME: Final = "wsl"
+
+#: Where Hyper-V looks for registered services (one subkey per service GUID), under HKLM.
+SERVICES_KEY: Final = r"SOFTWARE\Microsoft\Windows NT\CurrentVersion\Virtualization\GuestCommunicationServices"
+SERVICES_KEY_DISPLAY: Final = "HKLM\\" + SERVICES_KEY
+
+
+class RegistryError(HvbridgeError):
+    """The Hyper-V service registry could not be read or changed as asked."""
+
+
+class VmLookupError(HvbridgeError):
+    """A VM name could not be turned into a VmId, or the VMs could not be listed."""
+
+
+# ------------------------------------------------------------------------------------ GUIDs
 
 
 def service_id_for_port(port: int) -> uuid.UUID:
@@ -56,3 +99,669 @@ def port_for_service_id(service_id: uuid.UUID) -> int | None:
     if service_id.int & ((1 << 96) - 1) != VSOCK_TEMPLATE.int or port > MAX_VSOCK_PORT:
         return None
     return port
+
+
+def parse_guid(text: str) -> uuid.UUID:
+    """Parse a GUID as Windows prints it: any case, with or without braces.
+
+    Raises:
+        ValueError: `text` is not a GUID.
+    """
+    stripped = text.strip()
+    if stripped.startswith("{") and stripped.endswith("}"):
+        stripped = stripped[1:-1]
+    if not re.fullmatch(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}", stripped):
+        raise ValueError(f"{text!r} is not a GUID; expected e.g. 00000016-facb-11e6-bd58-64006a7986d3")
+    return uuid.UUID(stripped)
+
+
+def sockaddr_vm_id(sockaddr: object) -> uuid.UUID | None:
+    """The VmId in an AF_HYPERV socket address `(vm_id, service_id)`, or None if it is not one."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) == 2 and isinstance(sockaddr[0], str):
+        try:
+            return parse_guid(sockaddr[0])
+        except ValueError:
+            return None
+    return None
+
+
+def sockaddr_text(sockaddr: object) -> str | None:
+    """An AF_HYPERV socket address as endpoint text, `hvsock://VMID/SERVICE`, or None."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) == 2 and all(isinstance(p, str) for p in sockaddr):
+        try:
+            return f"hvsock://{parse_guid(sockaddr[0])}/{parse_guid(sockaddr[1])}"
+        except ValueError:
+            return None
+    return None
+
+
+def vm_id_matches(rule: uuid.UUID, peer: uuid.UUID) -> bool:
+    """Whether an allow rule's VmId admits a peer's VmId (HV_GUID_ZERO admits every VM)."""
+    return rule in (HV_GUID_ZERO, peer)
+
+
+# -------------------------------------------------------------------------------- registry
+
+
+@attrs.frozen
+class ServiceEntry:
+    """One registered Hyper-V service.
+
+    Attributes:
+        service_id: The service GUID (the subkey's name).
+        name: Its ElementName, or None when the subkey has none.
+        key: The subkey's name exactly as the registry stores it.
+    """
+
+    service_id: uuid.UUID
+    name: str | None
+    key: str
+
+    @property
+    def vsock_port(self) -> int | None:
+        """The vsock port the GUID encodes, if it follows the Linux-guest template."""
+        return port_for_service_id(self.service_id)
+
+
+class ServiceRegistry(Protocol):
+    """The GuestCommunicationServices key: one subkey per service GUID, with an ElementName.
+
+    Implementations raise OSError as winreg does: PermissionError without administrator
+    rights, FileNotFoundError when the key (or subkey) does not exist.
+    """
+
+    def read_services(self) -> list[tuple[str, str | None]]:
+        """Every subkey as (subkey name, ElementName or None)."""
+        ...
+
+    def create_service(self, key: str, element_name: str) -> None:
+        """Create subkey `key` with the REG_SZ value ElementName."""
+        ...
+
+    def delete_service(self, key: str) -> None:
+        """Delete subkey `key` (named exactly as read_services() returned it)."""
+        ...
+
+
+def _registry_error(exc: OSError, action: str) -> RegistryError:
+    if isinstance(exc, PermissionError):
+        return RegistryError(
+            f"{action}: access denied; changing {SERVICES_KEY_DISPLAY} needs administrator rights,"
+            " run the command from an elevated prompt (Run as administrator)"
+        )
+    if isinstance(exc, FileNotFoundError):
+        return RegistryError(
+            f"{action}: {SERVICES_KEY_DISPLAY} does not exist; is Hyper-V enabled on this host?"
+            " (Enable-WindowsOptionalFeature -Online -FeatureName Microsoft-Hyper-V)"
+        )
+    return RegistryError(f"{action}: {exc.strerror or exc}")
+
+
+def list_services(registry: ServiceRegistry) -> list[ServiceEntry]:
+    """The registered services, vsock-template ones first (by port), then the rest by GUID.
+
+    Subkeys whose names are not GUIDs are skipped: Hyper-V cannot use them either.
+
+    Raises:
+        RegistryError: The key cannot be read (it says why and what to do).
+    """
+    try:
+        raw = registry.read_services()
+    except OSError as exc:
+        raise _registry_error(exc, "cannot list Hyper-V services") from exc
+    entries = []
+    for key, name in raw:
+        try:
+            entries.append(ServiceEntry(parse_guid(key), name, key))
+        except ValueError:
+            continue
+    return sorted(entries, key=_service_order)
+
+
+def _service_order(entry: ServiceEntry) -> tuple[int, int, str]:
+    port = entry.vsock_port
+    return (0, port, "") if port is not None else (1, 0, str(entry.service_id))
+
+
+def find_service(registry: ServiceRegistry, service_id: uuid.UUID) -> ServiceEntry | None:
+    """The registered entry for `service_id` (compared as a UUID), or None."""
+    for entry in list_services(registry):
+        if entry.service_id == service_id:
+            return entry
+    return None
+
+
+def register_service(registry: ServiceRegistry, service_id: uuid.UUID, name: str) -> ServiceEntry:
+    """Register `service_id` under GuestCommunicationServices with ElementName `name`.
+
+    The subkey is named like Windows' own entries: the GUID in upper case, without braces.
+
+    Raises:
+        RegistryError: The name is empty, the GUID is already registered, or the registry
+            refused (no administrator rights, Hyper-V missing).
+    """
+    if not name.strip() or any(ord(c) < 32 for c in name):
+        raise RegistryError(f"invalid service name {name!r}; expected a non-empty name without control characters")
+    existing = find_service(registry, service_id)
+    if existing is not None:
+        raise RegistryError(_duplicate_message(existing))
+    key = str(service_id).upper()
+    try:
+        registry.create_service(key, name)
+    except FileExistsError as exc:  # created by someone else since we looked
+        raise RegistryError(_duplicate_message(ServiceEntry(service_id, None, key))) from exc
+    except OSError as exc:
+        raise _registry_error(exc, f"cannot register service {service_id}") from exc
+    return ServiceEntry(service_id, name, key)
+
+
+def _duplicate_message(entry: ServiceEntry) -> str:
+    named = f" as {entry.name!r}" if entry.name is not None else ""
+    return (
+        f"service {entry.service_id} is already registered{named} ({SERVICES_KEY_DISPLAY}\\{entry.key});"
+        f" unregister it first (hvbridge hyperv unregister --service {entry.service_id}) or use another port"
+    )
+
+
+def unregister_service(registry: ServiceRegistry, service_id: uuid.UUID) -> ServiceEntry:
+    """Delete the registry entry of `service_id` and return what it was.
+
+    Raises:
+        RegistryError: No such entry, or the registry refused (no administrator rights).
+    """
+    entry = find_service(registry, service_id)
+    if entry is None:
+        raise RegistryError(
+            f"service {service_id} is not registered under {SERVICES_KEY_DISPLAY};"
+            " `hvbridge hyperv services` lists the registered ones"
+        )
+    try:
+        registry.delete_service(entry.key)
+    except OSError as exc:
+        raise _registry_error(exc, f"cannot unregister service {service_id}") from exc
+    return entry
+
+
+@final
+@attrs.define(eq=False)
+class MemoryRegistry:
+    """A ServiceRegistry in memory, with the real one's rules: subkey names are compared
+    case-insensitively, and errors are the OSErrors winreg raises.
+
+    Attributes:
+        services: subkey name -> ElementName (None: the subkey has no ElementName).
+        writable: False makes create/delete raise PermissionError (no administrator rights).
+        exists: False makes every call raise FileNotFoundError (Hyper-V not installed).
+    """
+
+    services: dict[str, str | None] = attrs.field(factory=dict)
+    writable: bool = True
+    exists: bool = True
+
+    def _check(self, write: bool) -> None:
+        if not self.exists:
+            raise FileNotFoundError(2, "The system cannot find the file specified")
+        if write and not self.writable:
+            raise PermissionError(13, "Access is denied")
+
+    def _find(self, key: str) -> str | None:
+        return next((k for k in self.services if k.casefold() == key.casefold()), None)
+
+    def read_services(self) -> list[tuple[str, str | None]]:
+        """Every subkey as (subkey name, ElementName or None)."""
+        self._check(write=False)
+        return list(self.services.items())
+
+    def create_service(self, key: str, element_name: str) -> None:
+        """Create subkey `key`; FileExistsError if it exists (the real registry would open it)."""
+        self._check(write=True)
+        if self._find(key) is not None:
+            raise FileExistsError(17, "The key already exists", key)
+        self.services[key] = element_name
+
+    def delete_service(self, key: str) -> None:
+        """Delete subkey `key`; FileNotFoundError if it does not exist."""
+        self._check(write=True)
+        found = self._find(key)
+        if found is None:
+            raise FileNotFoundError(2, "The system cannot find the file specified", key)
+        del self.services[found]
+
+
+if sys.platform == "win32":  # pragma: no cover - Windows only; MemoryRegistry stands in on Linux
+    import winreg
+
+    @final
+    class WinRegistry:
+        """The real GuestCommunicationServices key, through winreg (64-bit view)."""
+
+        def read_services(self) -> list[tuple[str, str | None]]:
+            """Every subkey as (subkey name, ElementName or None)."""
+            result: list[tuple[str, str | None]] = []
+            access = winreg.KEY_READ | winreg.KEY_WOW64_64KEY
+            with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, SERVICES_KEY, 0, access) as parent:
+                index = 0
+                while True:
+                    try:
+                        key = winreg.EnumKey(parent, index)
+                    except OSError:  # ERROR_NO_MORE_ITEMS
+                        break
+                    index += 1
+                    name: str | None = None
+                    with winreg.OpenKey(parent, key, 0, access) as child:
+                        try:
+                            value, kind = winreg.QueryValueEx(child, "ElementName")
+                        except FileNotFoundError:
+                            pass
+                        else:
+                            if kind in (winreg.REG_SZ, winreg.REG_EXPAND_SZ) and isinstance(value, str):
+                                name = value
+                    result.append((key, name))
+            return result
+
+        def create_service(self, key: str, element_name: str) -> None:
+            """Create subkey `key` with ElementName (REG_SZ)."""
+            access = winreg.KEY_WRITE | winreg.KEY_WOW64_64KEY
+            with winreg.CreateKeyEx(winreg.HKEY_LOCAL_MACHINE, SERVICES_KEY + "\\" + key, 0, access) as child:
+                winreg.SetValueEx(child, "ElementName", 0, winreg.REG_SZ, element_name)
+
+        def delete_service(self, key: str) -> None:
+            """Delete subkey `key`."""
+            access = winreg.KEY_WRITE | winreg.KEY_WOW64_64KEY
+            with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, SERVICES_KEY, 0, access) as parent:
+                winreg.DeleteKeyEx(parent, key, winreg.KEY_WOW64_64KEY, 0)
+
+
+# ------------------------------------------------------------------------------- VM lookup
+
+
+@attrs.frozen
+class VmInfo:
+    """One Hyper-V VM: its name, VmId and state as Hyper-V reports it (e.g. `Running`)."""
+
+    name: str
+    vm_id: uuid.UUID
+    state: str
+
+
+class VmLookup(Protocol):
+    """Where VM names and VmIds come from (Hyper-V on Windows; recorded outputs in tests)."""
+
+    def list_vms(self) -> list[VmInfo]:
+        """Every Hyper-V VM on this host.
+
+        Raises:
+            VmLookupError: The VMs cannot be listed (no Hyper-V, no rights).
+        """
+        ...
+
+    def wsl_vm_id(self) -> uuid.UUID:
+        """The VmId of the running WSL2 utility VM.
+
+        Raises:
+            VmLookupError: There is none, or it cannot be found out.
+        """
+        ...
+
+
+def decode_output(data: bytes) -> str:
+    """Decode a Windows tool's output: UTF-16 (wsl.exe, hcsdiag) or UTF-8, BOM or not."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    if b"\x00" in data:  # UTF-16-LE without a BOM: wsl.exe's own messages
+        return data.decode("utf-16-le", "replace")
+    return data.decode("utf-8-sig", "replace")
+
+
+def _json_rows(text: str, source: str) -> list[dict[str, object]]:
+    text = text.strip()
+    if not text:  # no VMs: a pipeline of nothing prints nothing
+        return []
+    try:
+        parsed: object = json.loads(text)
+    except ValueError as exc:
+        raise VmLookupError(f"cannot parse the output of {source}: {exc}; got {text[:80]!r}") from exc
+    # ConvertTo-Json prints a lone object, not a one-element array.
+    items = parsed if isinstance(parsed, list) else [parsed]
+    rows: list[dict[str, object]] = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise VmLookupError(f"unexpected output from {source}: expected JSON objects, got {item!r}")
+        rows.append({str(k): v for k, v in item.items()})
+    return rows
+
+
+def _state_text(value: object, names: dict[int, str]) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return names.get(value, str(value))
+    return str(value) if value is not None else "Unknown"
+
+
+def parse_get_vm_json(text: str) -> list[VmInfo]:
+    """Parse the JSON that GET_VM_SCRIPT prints (Get-VM: Name, Id, State).
+
+    Accepts an array or a lone object, any GUID case and braces, and a State that is a name
+    or a number.
+
+    Raises:
+        VmLookupError: The text is not such JSON.
+    """
+    vms = []
+    for row in _json_rows(text, "Get-VM"):
+        name, vm_id = row.get("Name"), row.get("Id", row.get("VMId"))
+        if not isinstance(name, str) or not isinstance(vm_id, str):
+            raise VmLookupError(f"unexpected output from Get-VM: expected Name and Id strings, got {row!r}")
+        try:
+            guid = parse_guid(vm_id)
+        except ValueError as exc:
+            raise VmLookupError(f"unexpected output from Get-VM: VM {name!r} has Id {vm_id!r}") from exc
+        vms.append(VmInfo(name, guid, _state_text(row.get("State"), {})))
+    return vms
+
+
+#: Msvm_ComputerSystem.EnabledState values (Hyper-V WMI v2 documentation).
+_ENABLED_STATES: Final = {
+    0: "Unknown",
+    2: "Running",
+    3: "Off",
+    4: "Stopping",
+    6: "Enabled but offline",
+    10: "Starting",
+    32768: "Paused",
+    32769: "Saved",
+    32770: "Starting",
+    32771: "Snapshotting",
+    32773: "Saving",
+    32774: "Stopping",
+    32776: "Pausing",
+    32777: "Resuming",
+}
+
+
+def parse_msvm_json(text: str) -> list[VmInfo]:
+    """Parse the JSON that WMI_SCRIPT prints (Msvm_ComputerSystem: ElementName, Name, EnabledState).
+
+    The class also lists the host itself, whose Name is the computer name rather than a GUID;
+    that row is skipped.
+
+    Raises:
+        VmLookupError: The text is not such JSON.
+    """
+    vms = []
+    for row in _json_rows(text, "Msvm_ComputerSystem"):
+        name, vm_id = row.get("ElementName"), row.get("Name")
+        if not isinstance(name, str) or not isinstance(vm_id, str):
+            raise VmLookupError(
+                f"unexpected output from Msvm_ComputerSystem: expected ElementName and Name strings, got {row!r}"
+            )
+        try:
+            guid = parse_guid(vm_id)
+        except ValueError:
+            continue  # the host's own entry
+        vms.append(VmInfo(name, guid, _state_text(row.get("EnabledState"), _ENABLED_STATES)))
+    return vms
+
+
+def parse_wslinfo_vm_id(text: str) -> uuid.UUID:
+    """Parse `wslinfo --vm-id` output: the WSL2 VM's id, or `wsl1`.
+
+    Raises:
+        VmLookupError: The distribution runs under WSL 1 (no VM), or the output is no GUID.
+    """
+    value = text.strip()
+    if value.casefold() == "wsl1":
+        raise VmLookupError(
+            "the default WSL distribution runs under WSL 1, which has no VM;"
+            " convert it (wsl --set-version DISTRO 2) or make a WSL 2 distribution the default"
+        )
+    try:
+        return parse_guid(value)
+    except ValueError as exc:
+        raise VmLookupError(f"unexpected output from wslinfo --vm-id: {value[:80]!r}") from exc
+
+
+def parse_hcsdiag_list(text: str) -> list[tuple[uuid.UUID, str, str]]:
+    """Parse `hcsdiag list`: one (id, state, owner) per compute system.
+
+    The format (microsoft/WSL#4561) is a line with the id, then an indented line
+    `TYPE, STATE, ID, OWNER`; the owner of the WSL2 VM is `WSL`.
+    """
+    systems = []
+    for line in text.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) < 4:
+            continue
+        try:
+            system_id = parse_guid(fields[2])
+        except ValueError:
+            continue
+        systems.append((system_id, fields[1], fields[3]))
+    return systems
+
+
+def wsl_vm_id_from_hcsdiag(text: str) -> uuid.UUID:
+    """The running WSL2 VM's id from `hcsdiag list` output.
+
+    Raises:
+        VmLookupError: No running compute system is owned by WSL, or several are.
+    """
+    found = [
+        system_id
+        for system_id, state, owner in parse_hcsdiag_list(text)
+        if owner.casefold() == "wsl" and state.casefold() == "running"
+    ]
+    if not found:
+        raise VmLookupError("no running WSL2 VM; start WSL (wsl.exe) and try again")
+    if len(set(found)) > 1:
+        ids = ", ".join(str(f) for f in found)
+        raise VmLookupError(f"several running WSL VMs ({ids}); give the VmId as a GUID instead of 'wsl'")
+    return found[0]
+
+
+def find_vm(vms: Iterable[VmInfo], name: str) -> VmInfo:
+    """The VM called `name`: an exact match, else the only case-insensitive one.
+
+    Raises:
+        VmLookupError: No VM, or several VMs, have that name.
+    """
+    vms = list(vms)
+    matches = [vm for vm in vms if vm.name == name] or [vm for vm in vms if vm.name.casefold() == name.casefold()]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        ids = ", ".join(str(vm.vm_id) for vm in matches)
+        raise VmLookupError(f"{len(matches)} Hyper-V VMs are named {name!r} ({ids}); use the VmId instead of the name")
+    known = ", ".join(sorted(vm.name for vm in vms)) or "none"
+    raise VmLookupError(
+        f"no Hyper-V VM is named {name!r} (VMs on this host: {known}); `hvbridge hyperv vms` lists names and VmIds"
+    )
+
+
+@attrs.frozen
+class CommandResult:
+    """What a finished command printed and how it exited."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+#: Runs argv (never through a shell) with a timeout in seconds. Raises OSError when the program
+#: cannot be started, subprocess.TimeoutExpired when it overruns.
+Runner = Callable[[Sequence[str], float], CommandResult]
+
+
+def run_command(argv: Sequence[str], timeout: float) -> CommandResult:
+    """The real Runner: subprocess.run with an argument list, no shell, no console window."""
+    flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+    done = subprocess.run(  # a fixed argument list, no shell
+        list(argv), capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout, check=False, creationflags=flags
+    )
+    return CommandResult(done.returncode, done.stdout, done.stderr)
+
+
+_PS_PREAMBLE: Final = (
+    "$ErrorActionPreference = 'Stop'\n"
+    "$ProgressPreference = 'SilentlyContinue'\n"
+    "[Console]::OutputEncoding = [System.Text.Encoding]::UTF8\n"
+)
+
+#: Lists every VM as a JSON array of {Name, Id, State}. It takes no input: names are matched
+#: in Python, so no user text ever reaches PowerShell.
+GET_VM_SCRIPT: Final = _PS_PREAMBLE + (
+    "$vms = @(Get-VM | ForEach-Object { [pscustomobject]@{\n"
+    "    Name = $_.Name; Id = $_.Id.ToString(); State = $_.State.ToString() } })\n"
+    "ConvertTo-Json -InputObject $vms -Compress\n"
+)
+
+#: The same through WMI, for hosts without the Hyper-V PowerShell module.
+WMI_SCRIPT: Final = _PS_PREAMBLE + (
+    "$vms = @(Get-CimInstance -Namespace root/virtualization/v2 -ClassName Msvm_ComputerSystem |\n"
+    "    ForEach-Object { [pscustomobject]@{\n"
+    "        ElementName = $_.ElementName; Name = $_.Name; EnabledState = $_.EnabledState } })\n"
+    "ConvertTo-Json -InputObject $vms -Compress\n"
+)
+
+
+def powershell_argv(script: str) -> list[str]:
+    """The argv that runs `script` in Windows PowerShell, passed as -EncodedCommand.
+
+    -EncodedCommand (base64 of UTF-16-LE) sidesteps Windows command-line quoting entirely.
+    """
+    encoded = base64.b64encode(script.encode("utf-16-le")).decode("ascii")
+    return ["powershell.exe", "-NoLogo", "-NoProfile", "-NonInteractive", "-EncodedCommand", encoded]
+
+
+#: `wslinfo --vm-id` (WSL PR microsoft/WSL#13212) run in the default distribution; no admin needed.
+WSLINFO_ARGV: Final = ("wsl.exe", "--exec", "wslinfo", "--vm-id")
+#: `hcsdiag list` lists compute systems with their owner; it needs administrator rights.
+HCSDIAG_ARGV: Final = ("hcsdiag.exe", "list")
+
+
+def _first_line(result: CommandResult) -> str:
+    text = decode_output(result.stderr).strip() or decode_output(result.stdout).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    return f"exit status {result.returncode}" + (f": {line}" if line else "")
+
+
+@final
+@attrs.define(eq=False)
+class SubprocessVmLookup:
+    """VmLookup through Windows tools, run as argument lists (never a shell).
+
+    Args:
+        runner: Runs one command; tests pass one that returns recorded output.
+        timeout: Seconds each command may take (PowerShell with the Hyper-V module is slow to
+            start).
+    """
+
+    runner: Runner = run_command
+    timeout: float = 60.0
+
+    def _run(self, argv: Sequence[str]) -> CommandResult | str:
+        try:
+            return self.runner(argv, self.timeout)
+        except FileNotFoundError:
+            return f"{argv[0]} not found"
+        except subprocess.TimeoutExpired:
+            return f"{argv[0]} did not finish within {self.timeout:g} s"
+        except OSError as exc:
+            return f"cannot run {argv[0]}: {exc.strerror or exc}"
+
+    def list_vms(self) -> list[VmInfo]:
+        """Every VM, from Get-VM, else from WMI Msvm_ComputerSystem.
+
+        Raises:
+            VmLookupError: Neither worked (the message has both reasons).
+        """
+        failures = []
+        for source, script, parse in (
+            ("Get-VM", GET_VM_SCRIPT, parse_get_vm_json),
+            ("Msvm_ComputerSystem", WMI_SCRIPT, parse_msvm_json),
+        ):
+            result = self._run(powershell_argv(script))
+            if isinstance(result, str):
+                failures.append(f"{source}: {result}")
+            elif result.returncode != 0:
+                failures.append(f"{source}: {_first_line(result)}")
+            else:
+                return parse(decode_output(result.stdout))
+        raise VmLookupError(
+            "cannot list Hyper-V VMs (" + "; ".join(failures) + "); this needs Hyper-V and membership"
+            " in 'Hyper-V Administrators' (or an elevated prompt)"
+        )
+
+    def wsl_vm_id(self) -> uuid.UUID:
+        """The WSL2 VM's id from `wslinfo --vm-id`, else from `hcsdiag list`.
+
+        `wsl.exe --exec` starts WSL if it is not running.
+
+        Raises:
+            VmLookupError: Neither worked (the message says what to try).
+        """
+        failures = []
+        result = self._run(WSLINFO_ARGV)
+        if isinstance(result, str):
+            failures.append(f"wslinfo: {result}")
+        elif result.returncode != 0:
+            failures.append(f"wslinfo --vm-id: {_first_line(result)}")
+        else:
+            return parse_wslinfo_vm_id(decode_output(result.stdout))
+        result = self._run(HCSDIAG_ARGV)
+        if isinstance(result, str):
+            failures.append(f"hcsdiag: {result}")
+        elif result.returncode != 0:
+            failures.append(f"hcsdiag list: {_first_line(result)}")
+        else:
+            return wsl_vm_id_from_hcsdiag(decode_output(result.stdout))
+        raise VmLookupError(
+            "cannot find the WSL2 VM id (" + "; ".join(failures) + "); update WSL (wsl --update) for"
+            " `wslinfo --vm-id`, or run as administrator for `hcsdiag list`, or give the VmId as a GUID"
+        )
+
+
+@final
+class VmResolver:
+    """VM name -> VmId, cached. GUIDs pass through; `wsl` means the WSL2 VM.
+
+    Safe to call from several threads: the cache is a dict, and a race only repeats a lookup.
+
+    Args:
+        lookup: Where names are resolved.
+        min_refresh: Seconds a resolved name stays fresh: a refresh asked for sooner returns
+            the cached VmId. Every failed connect asks for one, and each costs a PowerShell
+            process, so a VM that is down must not start one per client.
+        clock: Monotonic seconds (tests pass a fake).
+    """
+
+    def __init__(
+        self, lookup: VmLookup, *, min_refresh: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.lookup = lookup
+        self.min_refresh = min_refresh
+        self._clock = clock
+        self._cache: dict[str, tuple[uuid.UUID, float]] = {}
+
+    def resolve(self, vm: uuid.UUID | str, *, refresh: bool = False) -> uuid.UUID:
+        """The VmId of `vm`.
+
+        Args:
+            vm: A VmId, or a VM name (`wsl` for the WSL2 VM).
+            refresh: Ask Hyper-V again (after a failed connect), unless the cached VmId is
+                younger than min_refresh.
+
+        Raises:
+            VmLookupError: The name cannot be resolved.
+        """
+        if isinstance(vm, uuid.UUID):
+            return vm
+        key = vm.casefold()
+        cached = self._cache.get(key)
+        now = self._clock()
+        if cached is not None and (not refresh or now - cached[1] < self.min_refresh):
+            return cached[0]
+        vm_id = self.lookup.wsl_vm_id() if key == WSL_VM_NAME else find_vm(self.lookup.list_vms(), vm).vm_id
+        self._cache[key] = (vm_id, now)
+        return vm_id

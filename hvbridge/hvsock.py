@@ -1,0 +1,844 @@
+"""Hyper-V sockets (AF_HYPERV, Windows host, Python >= 3.12): listen, connect, and the I/O model.
+
+This module owns every AF_HYPERV socket and how its bytes move. endpoints.py dispatches
+`hvsock://VM/SERVICE` here; what comes back is a trio listener or HalfCloseableStream, so the
+relay never learns which family it pumps.
+
+Rules:
+1. Availability: AF_HYPERV exists only in Windows builds of Python >= 3.12. Anywhere else every
+   call raises AddressFamilyUnavailable saying "needs Windows and Python >= 3.12";
+   unavailable_reason() lets `check` say so without opening anything.
+2. Addresses: `(str(vm_id), str(service_id))`, protocol HV_PROTOCOL_RAW, option level
+   HV_PROTOCOL_RAW. GUIDs are compared as uuid.UUID. A VM name is resolved to its VmId
+   through hyperv.VmResolver (cached, run in a worker thread); after a connect fails the
+   name is resolved again (at most every min_refresh seconds), and if the VmId changed (VM
+   recreated, WSL restarted) the connect is tried once more.
+3. Options: HVSOCKET_CONNECT_TIMEOUT (ms, at most HVSOCKET_CONNECT_TIMEOUT_MAX) from the route's
+   connect_timeout; HVSOCKET_CONNECTED_SUSPEND when connected_suspend is set (on the listening
+   socket and again on each accepted one, since inheritance is undocumented).
+4. I/O model (SPEC 6, issue 4): whether trio's readiness waiting works on AF_HYPERV sockets is
+   unproven. The first hvsock endpoint probes it once per process (a listener and a
+   connection on HV_GUID_LOOPBACK exchanging bytes both ways and an EOF, under PROBE_TIMEOUT).
+   If it works, hvsock sockets are ordinary trio sockets (trio.SocketStream, the relay's fast
+   path). If not, or if HVBRIDGE_HVSOCK_IO=threads, they are *blocking* sockets pumped by
+   worker threads: ThreadSocketStream / ThreadSocketListener below, which work on any
+   blocking socket and are tested on Linux with TCP and Unix sockets.
+5. Thread pump: each blocking call (recv, sendall, shutdown, accept, connect) runs in a worker
+   thread holding a token of a dedicated trio.CapacityLimiter (2 per connection, sized from
+   max_connections; never trio's default limiter, whose 40 threads would stall the 21st
+   connection). A call's result outlives a cancelled waiter: a cancelled receive_some leaves
+   its recv running and the next receive_some takes its bytes, so nothing is lost. A cancelled
+   send_all cannot know how much was sent, so the send side is then broken. aclose() never
+   waits for a thread: it wakes the blocked calls (closesocket on Windows cancels them; on
+   Linux shutdown() does) and the socket is closed by the last call to finish, so a socket
+   number is never reused while a thread may still use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import random
+import socket
+import sys
+import uuid
+import weakref
+from typing import TYPE_CHECKING, Final, Generic, Literal, Protocol, TypeAlias, TypeVar, final
+
+import attrs
+import trio
+
+from hvbridge import hyperv
+from hvbridge.endpoints import family_unavailable, translate_connect_error
+from hvbridge.errors import EndpointError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    import outcome
+
+    from hvbridge.addresses import HyperVAddress
+    from hvbridge.config import RouteOptions
+
+logger = logging.getLogger("hvbridge.hvsock")
+
+T = TypeVar("T")
+Stream: TypeAlias = trio.abc.HalfCloseableStream
+IoModel = Literal["readiness", "threads"]
+HvSockaddr: TypeAlias = tuple[str, str] | tuple[str, int]
+
+#: Longest HVSOCKET_CONNECT_TIMEOUT Windows accepts, in milliseconds (hvsocket.h).
+HVSOCKET_CONNECT_TIMEOUT_MAX: Final = 300_000
+#: How long the readiness probe may take before the thread pump is chosen.
+PROBE_TIMEOUT: Final = 2.0
+#: Environment variable that skips the probe: `readiness` or `threads`.
+IO_MODEL_ENV: Final = "HVBRIDGE_HVSOCK_IO"
+#: Bytes a pumped receive asks for when the caller gives no max_bytes.
+DEFAULT_RECEIVE_SIZE: Final = 64 * 1024
+_BACKLOG: Final = 4096  # as endpoints.py; Windows clamps it to SOMAXCONN
+_PROBE_PAYLOAD: Final = b"hvbridge readiness probe"
+# closesocket() cancels blocking calls in other threads on Windows; on Linux close() does not
+# wake them (shutdown() does), and the descriptor number could be reused under them.
+_CLOSE_CANCELS_BLOCKING_CALLS: Final = sys.platform == "win32"
+
+
+# ------------------------------------------------------------------------- the platform
+
+
+class HvSocketApi(Protocol):
+    """The AF_HYPERV specifics: family, protocol, address form and socket options.
+
+    The real one exists only on Windows; tests substitute one backed by TCP on 127.0.0.1 to
+    run listen/connect, the probe and the re-resolve logic on Linux.
+    """
+
+    @property
+    def family(self) -> int:
+        """The address family (AF_HYPERV)."""
+        ...
+
+    @property
+    def proto(self) -> int:
+        """The protocol (HV_PROTOCOL_RAW)."""
+        ...
+
+    def sockaddr(self, vm_id: uuid.UUID, service_id: uuid.UUID) -> HvSockaddr:
+        """The socket address for bind()/connect()."""
+        ...
+
+    def set_connect_timeout(self, sock: socket.socket, milliseconds: int) -> None:
+        """Set HVSOCKET_CONNECT_TIMEOUT."""
+        ...
+
+    def set_connected_suspend(self, sock: socket.socket | trio.socket.SocketType) -> None:
+        """Set HVSOCKET_CONNECTED_SUSPEND (keep the connection while the VM is paused)."""
+        ...
+
+
+@final
+@attrs.frozen
+class _WindowsApi:  # pragma: no cover - Windows only
+    family: int
+    proto: int
+    connect_timeout_option: int
+    connected_suspend_option: int
+
+    def sockaddr(self, vm_id: uuid.UUID, service_id: uuid.UUID) -> HvSockaddr:
+        return (str(vm_id), str(service_id))
+
+    def set_connect_timeout(self, sock: socket.socket, milliseconds: int) -> None:
+        sock.setsockopt(self.proto, self.connect_timeout_option, milliseconds)
+
+    def set_connected_suspend(self, sock: socket.socket | trio.socket.SocketType) -> None:
+        sock.setsockopt(self.proto, self.connected_suspend_option, 1)
+
+
+def platform_api() -> HvSocketApi | None:
+    """The AF_HYPERV API of this interpreter, or None when it has none (not Windows, or < 3.12)."""
+    api: HvSocketApi | None = None
+    if sys.platform == "win32" and sys.version_info >= (3, 12):  # pragma: no cover - Windows only
+        api = _WindowsApi(
+            family=socket.AF_HYPERV,
+            proto=socket.HV_PROTOCOL_RAW,
+            connect_timeout_option=socket.HVSOCKET_CONNECT_TIMEOUT,
+            connected_suspend_option=socket.HVSOCKET_CONNECTED_SUSPEND,
+        )
+    return api
+
+
+def unavailable_reason() -> str | None:
+    """Why hvsock endpoints cannot work here, or None if they can (for `check` and at start)."""
+    if platform_api() is not None:
+        return None
+    system = {"win32": "Windows", "linux": "Linux", "darwin": "macOS"}.get(sys.platform, sys.platform)
+    version = ".".join(str(part) for part in sys.version_info[:3])
+    return f"Hyper-V sockets (AF_HYPERV) need Windows and Python >= 3.12; this is {system} with Python {version}"
+
+
+def _require_api(address: HyperVAddress) -> HvSocketApi:
+    api = platform_api()
+    if api is None:
+        raise family_unavailable(address, unavailable_reason() or "AF_HYPERV is not available")
+    return api
+
+
+# ------------------------------------------------------------------------- VM names
+
+
+_resolver: hyperv.VmResolver | None = None
+
+
+def vm_resolver() -> hyperv.VmResolver:
+    """The process-wide VM-name resolver (PowerShell/WSL tools unless set_vm_lookup() was called)."""
+    global _resolver
+    if _resolver is None:
+        _resolver = hyperv.VmResolver(hyperv.SubprocessVmLookup())
+    return _resolver
+
+
+def set_vm_lookup(lookup: hyperv.VmLookup | None) -> None:
+    """Use `lookup` for VM names from now on (None: back to the real tools); clears the cache."""
+    global _resolver
+    _resolver = None if lookup is None else hyperv.VmResolver(lookup)
+
+
+async def resolve_vm_id(vm: uuid.UUID | str, *, refresh: bool = False) -> uuid.UUID:
+    """The VmId of `vm` (a GUID passes through), resolved in a worker thread.
+
+    Raises:
+        hyperv.VmLookupError: The name cannot be resolved.
+    """
+    if isinstance(vm, uuid.UUID):
+        await trio.lowlevel.checkpoint()
+        return vm
+    resolve = functools.partial(vm_resolver().resolve, vm, refresh=refresh)
+    return await trio.to_thread.run_sync(resolve, abandon_on_cancel=True)
+
+
+async def _resolve_for(address: HyperVAddress, op: str, *, refresh: bool = False) -> uuid.UUID:
+    try:
+        return await resolve_vm_id(address.vm, refresh=refresh)
+    except hyperv.VmLookupError as exc:
+        raise EndpointError(str(address), op, str(exc)) from exc
+
+
+async def peer_vm_allowed(rules: Sequence[uuid.UUID | str], sockaddr: object) -> bool:
+    """Whether an accepted hvsock peer passes `allow = ["vm:..."]` rules (SPEC 3.2).
+
+    Args:
+        rules: The VmRule values: VmIds (HV_GUID_ZERO admits all) or VM names.
+        sockaddr: The peer address, as getpeername() returns it: `(vm_id, service_id)`.
+
+    Returns:
+        True if a rule admits the peer's VmId. A name that cannot be resolved admits nobody
+        (logged as a warning).
+    """
+    peer = hyperv.sockaddr_vm_id(sockaddr)
+    if peer is None:
+        return False
+    for rule in rules:
+        try:
+            vm_id = await resolve_vm_id(rule)
+        except hyperv.VmLookupError as exc:
+            logger.warning("allow rule vm:%s cannot be resolved: %s", rule, exc)
+            continue
+        if hyperv.vm_id_matches(vm_id, peer):
+            return True
+    return False
+
+
+# ------------------------------------------------------------------------- I/O model
+
+
+@attrs.frozen
+class IoProbe:
+    """The I/O model hvsock sockets use in this process, and why."""
+
+    model: IoModel
+    reason: str
+
+
+_io_probe: IoProbe | None = None
+_probe_lock: trio.lowlevel.RunVar[trio.Lock] = trio.lowlevel.RunVar("hvbridge_hvsock_probe_lock")
+
+
+async def probe_readiness(
+    family: int,
+    proto: int,
+    bind_address: object,
+    *,
+    time_limit: float = PROBE_TIMEOUT,
+) -> IoProbe:
+    """Find out whether trio's readiness waiting works for sockets of `family`.
+
+    Binds a listener at `bind_address`, connects to its getsockname() with a non-blocking
+    trio socket, and exchanges bytes and an EOF both ways, all under `time_limit` seconds.
+
+    Returns:
+        IoProbe("readiness") if all of it worked, else IoProbe("threads") with the failure.
+        Any exception counts as a failure: finding unknown failures is the probe's purpose.
+    """
+    sockets: list[trio.socket.SocketType] = []
+    try:
+        with trio.fail_after(time_limit):
+            listener = trio.socket.socket(family, socket.SOCK_STREAM, proto)
+            sockets.append(listener)
+            await listener.bind(bind_address)
+            listener.listen(1)
+            client_sock = trio.socket.socket(family, socket.SOCK_STREAM, proto)
+            sockets.append(client_sock)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client_sock.connect, listener.getsockname())
+                server_sock, _ = await listener.accept()
+                sockets.append(server_sock)
+            client, server = trio.SocketStream(client_sock), trio.SocketStream(server_sock)
+            for sender, receiver in ((client, server), (server, client)):
+                await sender.send_all(_PROBE_PAYLOAD)
+                await sender.send_eof()
+                received = b""
+                while chunk := await receiver.receive_some():
+                    received += chunk
+                if received != _PROBE_PAYLOAD:
+                    return IoProbe("threads", f"readiness probe received {received!r}")
+    except trio.TooSlowError:
+        return IoProbe("threads", f"readiness probe timed out after {time_limit:g} s")
+    except Exception as exc:
+        logger.debug("readiness probe failed", exc_info=True)
+        return IoProbe("threads", f"readiness probe failed: {_describe(exc)}")
+    finally:
+        for sock in sockets:
+            sock.close()
+    return IoProbe("readiness", "trio readiness waiting works (loopback probe)")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return _describe(exc.exceptions[0])
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def hyperv_io_model(api: HvSocketApi) -> IoProbe:
+    """The I/O model for hvsock sockets: probed once per process, or forced by HVBRIDGE_HVSOCK_IO."""
+    global _io_probe
+    try:
+        lock = _probe_lock.get()
+    except LookupError:
+        lock = trio.Lock()
+        _probe_lock.set(lock)
+    async with lock:
+        if _io_probe is None:
+            _io_probe = await _choose_io_model(api)
+        chosen = _io_probe
+    return chosen
+
+
+async def _choose_io_model(api: HvSocketApi) -> IoProbe:
+    forced = os.environ.get(IO_MODEL_ENV, "").strip().lower()
+    if forced in ("readiness", "threads"):
+        probe = IoProbe("readiness" if forced == "readiness" else "threads", f"set by {IO_MODEL_ENV}")
+    else:
+        if forced:
+            logger.warning("%s=%r is not 'readiness' or 'threads'; probing", IO_MODEL_ENV, forced)
+        # A random vsock-template service on the loopback VmId, as go-winio's tests do.
+        service_id = hyperv.service_id_for_port(random.randrange(0x10000000, 0x7FFFFFFF))
+        address = api.sockaddr(hyperv.HV_GUID_LOOPBACK, service_id)
+        probe = await probe_readiness(api.family, api.proto, address)
+    logger.info("hvsock I/O model: %s (%s)", probe.model, probe.reason)
+    return probe
+
+
+# ------------------------------------------------------------------------- thread pump
+
+
+@final
+class _Call(Generic[T]):
+    """One blocking call in a worker thread. Its result waits here if nobody is waiting."""
+
+    def __init__(self, discard: Callable[[T], None] | None = None) -> None:
+        self.done = trio.Event()
+        self.value: T  # set by _Pump._finish unless error is
+        self.error: BaseException | None = None
+        self._discard = discard
+
+    def result(self) -> T:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return self.value
+
+    def discard(self) -> None:
+        """Release a result nobody will take (e.g. close a connection accepted after close)."""
+        if self._discard is not None and self.done.is_set() and self.error is None:
+            discard, self._discard = self._discard, None
+            discard(self.value)
+
+
+@final
+class _Pump:
+    """Worker-thread calls on one blocking socket, and closing it safely under them."""
+
+    def __init__(self, sock: socket.socket, limiter: trio.CapacityLimiter) -> None:
+        self.sock = sock
+        self.limiter = limiter
+        self.closed = False
+        self.in_flight = 0
+        self._waiters: set[trio.CancelScope] = set()
+
+    async def start(self, fn: Callable[[], T], discard: Callable[[T], None] | None = None) -> _Call[T]:
+        """Start `fn` in a worker thread once a limiter token is free; return at once."""
+        call: _Call[T] = _Call(discard)
+        await self.limiter.acquire_on_behalf_of(call)
+        self.in_flight += 1
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(result: outcome.Outcome[T]) -> None:  # runs in the worker thread
+            # RunFinishedError: the run ended under this thread; nobody waits for the result.
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._finish, call, result)
+
+        trio.lowlevel.start_thread_soon(fn, deliver, name="hvbridge hvsock pump")
+        return call
+
+    def _finish(self, call: _Call[T], result: outcome.Outcome[T]) -> None:
+        try:
+            call.value = result.unwrap()
+        except BaseException as exc:  # delivered to the waiter, whatever it is
+            call.error = exc
+        self.in_flight -= 1
+        self.limiter.release_on_behalf_of(call)
+        call.done.set()
+        if self.closed:
+            call.discard()
+            if self.in_flight == 0:
+                self.sock.close()
+
+    async def wait(self, call: _Call[T]) -> T:
+        """The call's result. Cancellation leaves the call running; close() interrupts.
+
+        Raises:
+            trio.ClosedResourceError: close() was called while waiting (whatever the call did).
+            OSError: What the call raised.
+        """
+        if call.done.is_set():
+            await trio.lowlevel.checkpoint()
+        else:
+            with trio.CancelScope() as scope:
+                self._waiters.add(scope)
+                try:
+                    await call.done.wait()
+                finally:
+                    self._waiters.discard(scope)
+        if self.closed:
+            call.discard()
+            raise trio.ClosedResourceError("the socket was closed by another task")
+        return call.result()
+
+    def close(self, how: int) -> None:
+        """Close the socket now, or wake the calls in flight and let the last one close it."""
+        if self.closed:
+            return
+        self.closed = True
+        for scope in self._waiters:
+            scope.cancel()
+        if self.in_flight == 0 or _CLOSE_CANCELS_BLOCKING_CALLS:
+            self.sock.close()
+            return
+        # OSError: not connected (any more), so the calls are failing by themselves.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(how)
+
+
+@final
+class ThreadSocketStream(trio.abc.HalfCloseableStream):
+    """A HalfCloseableStream over a *blocking* socket, each call run in a worker thread.
+
+    Works on any connected SOCK_STREAM socket (AF_HYPERV when trio cannot wait on it; TCP and
+    Unix sockets in tests). At most two threads per stream: one receiving, one sending.
+
+    Args:
+        sock: A connected (or, for connect(), a fresh) socket; it is made blocking.
+        limiter: Where the stream's threads take their tokens.
+        receive_size: Bytes a receive asks for when receive_some() gets no max_bytes.
+
+    Attributes:
+        socket: The socket, for getpeername()/setsockopt() (e.g. SO_LINGER before aclose()).
+    """
+
+    def __init__(
+        self, sock: socket.socket, limiter: trio.CapacityLimiter, *, receive_size: int = DEFAULT_RECEIVE_SIZE
+    ) -> None:
+        sock.setblocking(True)
+        self.socket = sock
+        self._pump = _Pump(sock, limiter)
+        self._receive_size = receive_size
+        self._receive_call: _Call[bytes] | None = None
+        self._send_call: _Call[None] | None = None
+        self._leftover = b""
+        self._at_eof = False
+        self._eof_sent = False
+        self._send_broken: str | None = None
+        self._receiving = False
+        self._sending = False
+
+    @staticmethod
+    def _error(exc: OSError) -> trio.BrokenResourceError:
+        return trio.BrokenResourceError(f"socket error: {exc}")
+
+    async def connect(self, address: HvSockaddr) -> None:
+        """Connect the socket (blocking connect in a worker thread).
+
+        Raises:
+            OSError: The connect failed. On failure or cancellation the caller closes the stream.
+        """
+        call = await self._pump.start(functools.partial(self.socket.connect, address))
+        self._send_call = call
+        await self._pump.wait(call)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Receive up to `max_bytes` bytes (b"" at EOF); see trio.abc.ReceiveStream."""
+        size = self._receive_size if max_bytes is None else max_bytes
+        if size < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            if self._pump.closed:
+                raise trio.ClosedResourceError("the stream is closed")
+            if self._leftover or self._at_eof:
+                await trio.lowlevel.checkpoint()
+            else:
+                if self._receive_call is None:
+                    # A call left over from a cancelled receive is reused, so no byte is lost.
+                    self._receive_call = await self._pump.start(functools.partial(self.socket.recv, size))
+                call = self._receive_call
+                try:
+                    data = await self._pump.wait(call)
+                except OSError as exc:
+                    self._receive_call = None
+                    raise self._error(exc) from exc
+                self._receive_call = None
+                self._at_eof = not data
+                self._leftover = data
+            data, self._leftover = self._leftover[:size], self._leftover[size:]
+            return data
+        finally:
+            self._receiving = False
+
+    async def _send_call_in_thread(self, fn: Callable[[], None], what: str) -> None:
+        call = await self._pump.start(fn)
+        self._send_call = call
+        try:
+            await self._pump.wait(call)
+        except trio.Cancelled:
+            self._send_broken = f"a cancelled {what} left the send side in an unknown state"
+            raise
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of `data`; see trio.abc.SendStream."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            self._check_sendable()
+            if not data:
+                await trio.lowlevel.checkpoint()
+                return
+            # Copy: the caller may reuse its buffer while an abandoned thread still sends it.
+            await self._send_call_in_thread(functools.partial(self.socket.sendall, bytes(data)), "send_all")
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        """Shut down the sending half (SHUT_WR); idempotent. See trio.abc.HalfCloseableStream."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            self._check_sendable()
+            if self._eof_sent:
+                await trio.lowlevel.checkpoint()
+                return
+            await self._send_call_in_thread(functools.partial(self.socket.shutdown, socket.SHUT_WR), "send_eof")
+            self._eof_sent = True
+        finally:
+            self._sending = False
+
+    def _check_sendable(self) -> None:
+        if self._pump.closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        if self._send_broken is not None:
+            raise trio.BrokenResourceError(self._send_broken)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Return at once: a blocking sendall in a thread never needs the caller to wait first."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if self._pump.closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
+        """aclose() without the checkpoint, for cleanup paths that must not await."""
+        sending = self._send_call is not None and not self._send_call.done.is_set()
+        self._pump.close(socket.SHUT_RDWR if sending else socket.SHUT_RD)
+
+    async def aclose(self) -> None:
+        """Close without waiting for threads; a blocked recv/sendall is woken and then closes it."""
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+
+@final
+class ThreadSocketListener(trio.abc.Listener[Stream]):
+    """A trio Listener over a *blocking* listening socket; accept() runs in a worker thread.
+
+    Args:
+        sock: A bound, listening socket; it is made blocking.
+        limiter: Shared by the accept thread and every accepted stream's threads.
+
+    Attributes:
+        socket: The listening socket (for getsockname()).
+    """
+
+    def __init__(self, sock: socket.socket, limiter: trio.CapacityLimiter) -> None:
+        sock.setblocking(True)
+        self.socket = sock
+        self._limiter = limiter
+        self._pump = _Pump(sock, limiter)
+        self._accept_call: _Call[tuple[socket.socket, object]] | None = None
+        self._accepting = False
+
+    async def accept(self) -> ThreadSocketStream:
+        """Accept one connection.
+
+        Raises:
+            trio.ClosedResourceError: The listener is closed.
+            OSError: accept() failed (trio.serve_listeners retries EMFILE and friends).
+        """
+        if self._accepting:
+            raise trio.BusyResourceError("another task is already accepting on this listener")
+        self._accepting = True
+        try:
+            if self._pump.closed:
+                raise trio.ClosedResourceError("the listener is closed")
+            if self._accept_call is None:
+                self._accept_call = await self._pump.start(self.socket.accept, _close_accepted)
+            call = self._accept_call
+            try:
+                conn, _ = await self._pump.wait(call)
+            except OSError:
+                self._accept_call = None  # accept() failed; the next call starts a new one
+                raise
+            self._accept_call = None
+            return ThreadSocketStream(conn, self._limiter)
+        finally:
+            self._accepting = False
+
+    async def aclose(self) -> None:
+        """Stop listening; a blocked accept() is woken and then closes the socket."""
+        self._pump.close(socket.SHUT_RDWR)
+        await trio.lowlevel.checkpoint()
+
+
+def _close_accepted(result: tuple[socket.socket, object]) -> None:
+    result[0].close()
+
+
+def threads_for(max_connections: int) -> int:
+    """Worker threads a route's hvsock side may need: one per direction per connection."""
+    return 2 * max(1, max_connections)
+
+
+# One limiter per route for connected streams, keyed by the identity of the route's
+# RouteOptions (each route has its own object), per trio run.
+_LimiterTable: TypeAlias = dict[int, tuple["weakref.ref[RouteOptions]", trio.CapacityLimiter]]
+_connect_limiters: trio.lowlevel.RunVar[_LimiterTable] = trio.lowlevel.RunVar("hvbridge_hvsock_limiters")
+
+
+def route_limiter(options: RouteOptions) -> trio.CapacityLimiter:
+    """The thread limiter for connections a route opens (threads_for(max_connections) tokens)."""
+    try:
+        table = _connect_limiters.get()
+    except LookupError:
+        table = {}
+        _connect_limiters.set(table)
+    # An entry lives exactly as long as its RouteOptions: the weakref callback runs while the
+    # object is freed, before its id can be reused.
+    key = id(options)
+    entry = table.get(key)
+    if entry is not None:
+        return entry[1]
+
+    def forget(_ref: weakref.ref[RouteOptions]) -> None:
+        table.pop(key, None)
+
+    limiter = trio.CapacityLimiter(threads_for(options.max_connections))
+    table[key] = (weakref.ref(options, forget), limiter)
+    return limiter
+
+
+# ------------------------------------------------------------------------- listen / connect
+
+
+@final
+class HvSocketListener(trio.abc.Listener[Stream]):
+    """An hvsock listener: trio's SocketListener or a ThreadSocketListener, per the I/O model.
+
+    Sets HVSOCKET_CONNECTED_SUSPEND on each accepted socket when the route asks for it.
+
+    Attributes:
+        socket: The listening socket (endpoints.listener_address() reads it).
+        address: The route's listen address.
+        vm_id: The VmId it is bound to (a VM name resolved).
+        model: The I/O model in use.
+    """
+
+    def __init__(
+        self,
+        inner: trio.SocketListener | ThreadSocketListener,
+        *,
+        api: HvSocketApi,
+        address: HyperVAddress,
+        vm_id: uuid.UUID,
+        model: IoModel,
+        connected_suspend: bool,
+    ) -> None:
+        self.inner = inner
+        self.socket = inner.socket
+        self.address = address
+        self.vm_id = vm_id
+        self.model = model
+        self._api = api
+        self._connected_suspend = connected_suspend
+
+    async def accept(self) -> Stream:
+        """Accept one connection; see trio.abc.Listener."""
+        stream = await self.inner.accept()
+        if self._connected_suspend:
+            try:
+                self._api.set_connected_suspend(stream.socket)
+            except OSError as exc:  # the listening socket has it; this is belt and braces
+                logger.debug("HVSOCKET_CONNECTED_SUSPEND on an accepted socket: %s", exc)
+        return stream
+
+    async def aclose(self) -> None:
+        """Stop listening."""
+        await self.inner.aclose()
+
+
+def _timeout_ms(seconds: float) -> int | None:
+    if seconds <= 0:
+        return None
+    return max(1, min(HVSOCKET_CONNECT_TIMEOUT_MAX, round(seconds * 1000)))
+
+
+def _new_socket(api: HvSocketApi, address: HyperVAddress, op: str) -> socket.socket:
+    try:
+        return socket.socket(api.family, socket.SOCK_STREAM, api.proto)
+    except OSError as exc:
+        raise EndpointError(
+            str(address),
+            op,
+            f"cannot create a Hyper-V socket ({exc.strerror or exc}); Hyper-V sockets need Windows 10 /"
+            " Server 2016 or later with Hyper-V enabled",
+        ) from exc
+
+
+def _listen_message(exc: OSError) -> str:
+    if exc.errno in (10048, 98):  # WSAEADDRINUSE, EADDRINUSE
+        return "address already in use; another process listens on this VmId and service GUID"
+    if exc.errno in (10013, 13):  # WSAEACCES, EACCES
+        return "permission denied; binding a VmId other than a wildcard may need administrator rights"
+    return exc.strerror or str(exc)
+
+
+async def open_hvsock_listener(address: HyperVAddress, options: RouteOptions) -> HvSocketListener:
+    """Bind and listen on `address` (a VM name is resolved to its VmId first).
+
+    Raises:
+        AddressFamilyUnavailable: Not Windows, or Python < 3.12.
+        EndpointError: The VM name cannot be resolved, or bind/listen failed.
+    """
+    api = _require_api(address)
+    probe = await hyperv_io_model(api)
+    vm_id = await _resolve_for(address, "listen")
+    sock = _new_socket(api, address, "listen")
+    try:
+        if options.connected_suspend:
+            api.set_connected_suspend(sock)
+        sock.bind(api.sockaddr(vm_id, address.service_id))
+        sock.listen(_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise EndpointError(str(address), "listen", _listen_message(exc)) from exc
+    inner: trio.SocketListener | ThreadSocketListener
+    if probe.model == "readiness":
+        inner = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    else:
+        # One more token than the connections need: the accept thread.
+        inner = ThreadSocketListener(sock, trio.CapacityLimiter(threads_for(options.max_connections) + 1))
+    return HvSocketListener(
+        inner,
+        api=api,
+        address=address,
+        vm_id=vm_id,
+        model=probe.model,
+        connected_suspend=options.connected_suspend,
+    )
+
+
+async def connect_hvsock(address: HyperVAddress, options: RouteOptions) -> Stream:
+    """Open a stream to `address`. The caller bounds the wait (connect_timeout).
+
+    A VM name is resolved (cached); if the connect then fails, the name is resolved again
+    (at most every VmResolver.min_refresh seconds) and, if the VmId changed, the connect is
+    tried once more.
+
+    Raises:
+        AddressFamilyUnavailable: Not Windows, or Python < 3.12.
+        BackendUnavailable: Refused, timed out, VM not running: worth a retry.
+        EndpointError: The VM name cannot be resolved, or another failure.
+    """
+    api = _require_api(address)
+    probe = await hyperv_io_model(api)
+    vm_id = await _resolve_for(address, "connect")
+    try:
+        return await _connect(api, probe.model, vm_id, address, options)
+    except EndpointError:
+        # Whatever Windows says for a VmId that no longer exists, look the name up again.
+        if not isinstance(address.vm, str):
+            raise
+        fresh = await _resolve_for(address, "connect", refresh=True)
+        if fresh == vm_id:
+            raise
+        logger.info("VM %r changed VmId from %s to %s; connecting again", address.vm, vm_id, fresh)
+        return await _connect(api, probe.model, fresh, address, options)
+
+
+async def _connect(
+    api: HvSocketApi, model: IoModel, vm_id: uuid.UUID, address: HyperVAddress, options: RouteOptions
+) -> Stream:
+    sock = _new_socket(api, address, "connect")
+    try:
+        milliseconds = _timeout_ms(options.connect_timeout)
+        if milliseconds is not None:
+            api.set_connect_timeout(sock, milliseconds)
+        if options.connected_suspend:
+            api.set_connected_suspend(sock)
+    except OSError as exc:
+        sock.close()
+        raise EndpointError(
+            str(address), "connect", f"cannot set Hyper-V socket options: {exc.strerror or exc}"
+        ) from exc
+    target = api.sockaddr(vm_id, address.service_id)
+    # Close on any failure, cancellation included, without awaiting in an except block
+    # (under an outer cancellation a second await there would raise before the close).
+    connected = False
+    if model == "readiness":
+        trio_sock = trio.socket.from_stdlib_socket(sock)
+        try:
+            await trio_sock.connect(target)
+            connected = True
+        except OSError as exc:
+            raise translate_connect_error(address, exc) from exc
+        finally:
+            if not connected:
+                trio_sock.close()
+        return trio.SocketStream(trio_sock)
+    stream = ThreadSocketStream(sock, route_limiter(options))
+    try:
+        await stream.connect(target)
+        connected = True
+    except OSError as exc:
+        raise translate_connect_error(address, exc) from exc
+    finally:
+        if not connected:
+            stream.close_now()
+    return stream
