@@ -35,8 +35,12 @@ _CID_NAMES: Final = {
 }
 # sun_path is 108 bytes on Linux, one of which is the terminating NUL for filesystem paths.
 _MAX_UNIX_PATH: Final = 107
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?$")
-_VM_NAME = re.compile(r"^[^/\x00-\x1f]{1,100}$")
+# \Z, not $: `$` also matches before a trailing newline, which let "host\n" through.
+_HOSTNAME = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?\Z")
+_VM_NAME = re.compile(r"^[^/\x00-\x1f]{1,100}\Z")
+_HEX = "[0-9a-fA-F]"
+# uuid.UUID() alone also takes underscores, blanks, non-ASCII digits and `urn:uuid:`.
+_GUID = re.compile(rf"(\{{)?(?:{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}|{_HEX}{{32}})(?(1)\}})")
 
 
 @attrs.frozen
@@ -175,7 +179,12 @@ def _int_in_range(text: str, low: int, high: int, what: str, names: str = "") ->
     if not text.isascii() or not text.isdigit():
         extra = f" or one of: {names}" if names else ""
         raise AddressError(f"invalid {what} {text!r}; expected an integer {low}..{high}{extra}")
-    value = int(text)
+    digits = text.lstrip("0") or "0"
+    # int() refuses more than 4300 digits with a ValueError; anything this long is out of range.
+    if len(digits) > len(str(high)):
+        shown = text if len(text) <= 20 else f"{text[:20]}..."
+        raise AddressError(f"{what} {shown} is out of range; expected {low}..{high}")
+    value = int(digits)
     if not low <= value <= high:
         raise AddressError(f"{what} {value} is out of range; expected {low}..{high}")
     return value
@@ -212,7 +221,7 @@ def _parse_unix(rest: str) -> UnixAddress:
         name = rest[1:]
         if not name or "\0" in name:
             raise AddressError(f"invalid abstract Unix socket name {rest!r}; expected unix:@NAME")
-        if len(name.encode()) > _MAX_UNIX_PATH:
+        if _encoded_size(name, "abstract Unix socket name") > _MAX_UNIX_PATH:
             raise AddressError(f"abstract Unix socket name is too long; expected at most {_MAX_UNIX_PATH} bytes")
         return UnixAddress(name, abstract=True)
     if not rest.startswith("///"):
@@ -226,10 +235,19 @@ def _parse_unix(rest: str) -> UnixAddress:
 def _check_path(path: str, what: str) -> str:
     if "\0" in path or path.endswith("/"):
         raise AddressError(f"invalid {what} {path!r}; expected an absolute file path")
-    size = len(path.encode("utf-8", "surrogateescape"))
+    size = _encoded_size(path, what)
     if size > _MAX_UNIX_PATH:
         raise AddressError(f"{what} {path!r} is {size} bytes; the limit is {_MAX_UNIX_PATH}, use a shorter path")
     return path
+
+
+def _encoded_size(text: str, what: str) -> int:
+    # surrogateescape keeps undecodable bytes of a POSIX path (os.fsdecode); any other lone
+    # surrogate cannot become bytes at all, and must not escape as UnicodeEncodeError.
+    try:
+        return len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        raise AddressError(f"invalid {what} {text!r}; expected text without lone surrogate characters") from None
 
 
 def _parse_vsock(rest: str) -> VsockAddress:
@@ -248,12 +266,9 @@ def _parse_vsock(rest: str) -> VsockAddress:
 
 
 def _parse_guid(text: str, what: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(text.strip("{}"))
-    except ValueError:
-        raise AddressError(
-            f"invalid {what} {text!r}; expected a GUID such as 00000016-facb-11e6-bd58-64006a7986d3"
-        ) from None
+    if not _GUID.fullmatch(text):
+        raise AddressError(f"invalid {what} {text!r}; expected a GUID such as 00000016-facb-11e6-bd58-64006a7986d3")
+    return uuid.UUID(text)
 
 
 def _parse_hvsock(rest: str) -> HyperVAddress:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from hvbridge.addresses import VMADDR_CID_ANY, UnixAddress, VsockAddress, VsockMuxAddress
-from hvbridge.endpoints import UNAVAILABLE_ERRNOS, UnixListener, open_unix_listener, family_unavailable
+from hvbridge.endpoints import UNAVAILABLE_ERRNOS, UnixListener, family_unavailable, open_unix_listener
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
 
 if TYPE_CHECKING:
