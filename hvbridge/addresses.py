@@ -194,7 +194,7 @@ def _parse_tcp(rest: str) -> TcpAddress:
     if rest.startswith("["):
         host, sep, port = rest[1:].partition("]:")
         if not sep:
-            raise AddressError(f"invalid TCP address 'tcp://{rest}'; expected tcp://[IPV6]:PORT")
+            raise AddressError(f"invalid TCP address {'tcp://' + rest!r}; expected tcp://[IPV6]:PORT")
         try:
             ip = ipaddress.IPv6Address(host)
         except ValueError:
@@ -203,9 +203,12 @@ def _parse_tcp(rest: str) -> TcpAddress:
     else:
         host, sep, port = rest.rpartition(":")
         if not sep or not host:
-            raise AddressError(f"invalid TCP address 'tcp://{rest}'; expected tcp://HOST:PORT")
+            raise AddressError(f"invalid TCP address {'tcp://' + rest!r}; expected tcp://HOST:PORT")
         if ":" in host:
-            raise AddressError(f"IPv6 address {host!r} needs brackets; expected tcp://[{host}]:{port}")
+            hint = f"tcp://[{host}]:{port}"  # repr() keeps a message to one line whatever the text
+            raise AddressError(
+                f"IPv6 address {host!r} needs brackets; expected {hint if hint.isprintable() else repr(hint)}"
+            )
         if re.fullmatch(r"[0-9.]+", host):
             try:
                 host = str(ipaddress.IPv4Address(host))
@@ -226,7 +229,7 @@ def _parse_unix(rest: str) -> UnixAddress:
         return UnixAddress(name, abstract=True)
     if not rest.startswith("///"):
         raise AddressError(
-            f"invalid Unix socket address 'unix:{rest}'; expected an absolute path as unix:///PATH"
+            f"invalid Unix socket address {'unix:' + rest!r}; expected an absolute path as unix:///PATH"
             " or an abstract name as unix:@NAME"
         )
     return UnixAddress(_check_path(rest[2:], "Unix socket path"))
@@ -253,7 +256,7 @@ def _encoded_size(text: str, what: str) -> int:
 def _parse_vsock(rest: str) -> VsockAddress:
     cid_text, sep, port_text = rest.partition(":")
     if not sep:
-        raise AddressError(f"invalid vsock address 'vsock://{rest}'; expected vsock://CID:PORT")
+        raise AddressError(f"invalid vsock address {'vsock://' + rest!r}; expected vsock://CID:PORT")
     names = "any, hypervisor, local, host"
     cid = _CID_NAMES.get(cid_text.lower())
     if cid is None:
@@ -274,7 +277,7 @@ def _parse_guid(text: str, what: str) -> uuid.UUID:
 def _parse_hvsock(rest: str) -> HyperVAddress:
     vm_text, sep, service_text = rest.partition("/")
     if not sep or not vm_text or not service_text:
-        raise AddressError(f"invalid Hyper-V socket address 'hvsock://{rest}'; expected hvsock://VM/SERVICE")
+        raise AddressError(f"invalid Hyper-V socket address {'hvsock://' + rest!r}; expected hvsock://VM/SERVICE")
     vm: uuid.UUID | str
     if vm_text.lower() in VM_WILDCARDS:
         vm = VM_WILDCARDS[vm_text.lower()]
@@ -297,7 +300,7 @@ def _parse_hvsock(rest: str) -> HyperVAddress:
 def _parse_vsock_mux(rest: str) -> VsockMuxAddress:
     path, sep, port_text = rest.rpartition(":")
     if not sep or not path.startswith("/"):
-        raise AddressError(f"invalid hybrid vsock address 'vsock-mux://{rest}'; expected vsock-mux:///PATH:PORT")
+        raise AddressError(f"invalid hybrid vsock address {'vsock-mux://' + rest!r}; expected vsock-mux:///PATH:PORT")
     port = _int_in_range(port_text, 0, _MAX_U32 - 1, "vsock port")
     # The listen side binds PATH_PORT, so that name must fit too.
     _check_path(f"{path}_{port}", "hybrid vsock socket path")

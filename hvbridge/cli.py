@@ -1,6 +1,7 @@
 """The `hvbridge` command line (SPEC 2): run, check, forward, connect, hyperv.
 
-This module owns argument parsing, exit codes and the process's signal handling. Exit status:
+This module owns argument parsing and exit codes; service.py runs the daemon (signals, reload,
+shutdown, workers). Exit status:
 0 clean exit; 1 a user error (HvbridgeError), printed as `Error: ...` lines on stderr with no
 traceback; 2 bad usage (click). Anything else escaping is a bug and keeps its traceback.
 """
@@ -9,18 +10,21 @@ from __future__ import annotations
 
 import functools
 import logging
-import signal
+import os
+import socket
 from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar
 
 import click
 import trio
 
-from hvbridge import __version__, endpoints
+from hvbridge import __version__, endpoints, metrics, service
+from hvbridge.addresses import VsockAddress
+from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import RouteTable, format_table, load_config, table_from_mapping
-from hvbridge.errors import ConfigError, HvbridgeError
+from hvbridge.errors import HvbridgeError
 from hvbridge.logs import event, setup_logging
 from hvbridge.relay import relay
-from hvbridge.supervisor import Supervisor, serve_routes
+from hvbridge.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -115,16 +119,27 @@ def main() -> None:
     """
 
 
+_workers = click.option(
+    "--workers",
+    type=click.IntRange(1, 1024),
+    default=1,
+    show_default=True,
+    help="Processes that relay, sharing the listening sockets (POSIX).",
+)
+
+
 @main.command()
 @_config
+@click.option("--watch", is_flag=True, help="Also reload when the file changes (polled every second).")
+@_workers
 @_verbose
 @_quiet
 @_log_format
 @_user_errors
-def run(config_path: str, verbose: int, quiet: int, log_format: LogFormat | None) -> None:
-    """Run every route of the route table until SIGINT/SIGTERM."""
+def run(config_path: str, watch: bool, workers: int, verbose: int, quiet: int, log_format: LogFormat | None) -> None:
+    """Run every route of the route table until SIGINT/SIGTERM; SIGHUP reloads the file."""
     table = load_config(config_path)
-    _serve(table, verbose, quiet, log_format)
+    _serve(table, verbose, quiet, log_format, config_path=config_path, watch=watch, workers=workers)
 
 
 @main.command()
@@ -134,6 +149,12 @@ def check(config_path: str) -> None:
     """Validate the route table and print it resolved; opens nothing. Exit 0 valid, 1 not."""
     table = load_config(config_path)
     click.echo(format_table(table), nl=False)
+    if any(isinstance(a, VsockAddress) for r in table.routes for a in (r.listen, r.connect)) and hasattr(
+        socket, "AF_VSOCK"
+    ):
+        from hvbridge import vsock
+
+        click.echo(f"# {vsock.describe_local_cid()}")
     for route in table.routes:
         for key, address in (("listen", route.listen), ("connect", route.connect)):
             why = endpoints.unavailable_reason(address)
@@ -164,6 +185,7 @@ def check(config_path: str) -> None:
 )
 @click.option("--allow", multiple=True, help="Peer allowed to connect (CIDR, cid:N, vm:GUID); repeatable.")
 @click.option("--mode", default="0600", show_default=True, help="File mode of a Unix listener.")
+@_workers
 @_verbose
 @_quiet
 @_log_format
@@ -178,6 +200,7 @@ def forward(
     half_close: bool,
     allow: tuple[str, ...],
     mode: str,
+    workers: int,
     verbose: int,
     quiet: int,
     log_format: LogFormat | None,
@@ -197,7 +220,7 @@ def forward(
     if listen.startswith(("unix:", "vsock-mux:")):
         route["mode"] = mode
     table = table_from_mapping({"routes": {"forward": route}}, source="<command line>")
-    _serve(table, verbose, quiet, log_format)
+    _serve(table, verbose, quiet, log_format, workers=workers)
 
 
 @main.command(name="connect")
@@ -251,21 +274,49 @@ def connect_command(
     trio.run(_connect)
 
 
-def _serve(table: RouteTable, verbose: int, quiet: int, log_format: LogFormat | None) -> None:
-    setup_logging(_log_level(verbose, quiet, table.bridge.log_level), log_format or table.bridge.log_format)
-    for route in table.routes:
-        for address in (route.listen, route.connect):
-            why = endpoints.unavailable_reason(address)
-            if why is not None:
-                raise ConfigError.single(table.source, f"routes.{route.name}", f"{address}: {why}")
-    trio.run(_serve_until_signal, table)
+def _serve(
+    table: RouteTable,
+    verbose: int,
+    quiet: int,
+    log_format: LogFormat | None,
+    *,
+    config_path: str | None = None,
+    watch: bool = False,
+    workers: int = 1,
+) -> None:
+    """Run the daemon (service.run): signals, reload, drain, metrics, systemd, workers."""
+    if workers > 1 and os.name != "posix":
+        raise click.UsageError("--workers needs a POSIX system (the workers inherit the listening sockets)")
+    from_file = config_path is not None and config_path != "-"
+    if watch and not from_file:
+        raise click.UsageError("--watch needs a route table file (not stdin)")
+    service.run(
+        table,
+        load=functools.partial(load_config, config_path) if from_file and config_path else None,
+        watch=config_path if watch else None,
+        workers=workers,
+        log_level=_log_level(verbose, quiet, "") or None,
+        log_format=log_format,
+    )
 
 
-async def _serve_until_signal(table: RouteTable) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve_routes, table)
-            async for signum in signals:
-                event(logging.INFO, f"received {signal.Signals(signum).name}; stopping")
-                nursery.cancel_scope.cancel()
-                break
+@main.command()
+@_config
+@_user_errors
+def probe(config_path: str) -> None:
+    """Ask a running daemon's metrics endpoint whether every route listens; exit 0 if so, else 1.
+
+    For container HEALTHCHECKs and monitoring: it needs `[bridge] metrics` in the table.
+    """
+    table = load_config(config_path)
+    if table.bridge.metrics is None:
+        raise UserError(f"{table.source}: bridge.metrics is not set; `probe` asks the metrics endpoint")
+    if str(table.bridge.metrics).endswith(":0"):
+        raise UserError(f"{table.source}: bridge.metrics has port 0; `probe` needs a fixed port to ask")
+    problems = trio.run(metrics.probe, table.bridge.metrics, [route.name for route in table.routes])
+    if problems:
+        raise UserError("\n".join(problems))
+    click.echo(f"healthy: {len(table.routes)} route(s) listening")
+
+
+main.add_command(hyperv_group)

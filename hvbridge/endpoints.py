@@ -13,6 +13,7 @@ the listener closes, if it is still ours.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import os
@@ -75,7 +76,7 @@ async def open_listeners(address: Address, options: RouteOptions) -> list[Listen
         case TcpAddress():
             return await _open_tcp_listeners(address)
         case UnixAddress():
-            return [_open_unix_listener(address, options)]
+            return [open_unix_listener(address, options)]
         case VsockAddress():
             from hvbridge import vsock
 
@@ -130,7 +131,9 @@ def translate_connect_error(address: Address, exc: OSError) -> EndpointError:
     if isinstance(exc, socket.gaierror):
         return BackendUnavailable(str(address), "connect", f"cannot resolve host name: {exc.strerror}")
     errnos = {exc.errno} | {getattr(e, "errno", None) for e in _sub_errors(exc)}
-    message = f"{exc.strerror or exc}"
+    # trio's "all attempts to connect to HOST:PORT failed" hides why; the per-address errors say it.
+    reasons = dict.fromkeys(os.strerror(e.errno) for e in _sub_errors(exc) if isinstance(e, OSError) and e.errno)
+    message = exc.strerror or "; ".join(reasons) or str(exc)
     if errnos & UNAVAILABLE_ERRNOS:
         return BackendUnavailable(str(address), "connect", f"backend unavailable ({message})")
     return EndpointError(str(address), "connect", message)
@@ -196,7 +199,14 @@ class UnixListener(trio.abc.Listener[Stream]):
 
     async def aclose(self) -> None:
         """Stop listening and remove the socket file if it is still the one we bound."""
-        await self.listener.aclose()
+        try:
+            await self.listener.aclose()
+        finally:
+            # Also when cancelled: trio.aclose_forcefully() always is, and its checkpoint
+            # would otherwise skip the removal and leave the socket file behind.
+            self._remove_file()
+
+    def _remove_file(self) -> None:
         if self.path is not None:
             try:
                 st = os.lstat(self.path)
@@ -206,14 +216,16 @@ class UnixListener(trio.abc.Listener[Stream]):
                 pass
 
 
-def _open_unix_listener(address: UnixAddress, options: RouteOptions) -> UnixListener:
+def open_unix_listener(address: UnixAddress, options: RouteOptions) -> UnixListener:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
     try:
         if not address.abstract:
             _clear_stale_socket(address)
         old_umask = os.umask(0o777 & ~options.mode)
         try:
             sock.bind(address.sockaddr)
+            bound = not address.abstract
         finally:
             os.umask(old_umask)
         inode = None
@@ -224,13 +236,21 @@ def _open_unix_listener(address: UnixAddress, options: RouteOptions) -> UnixList
             os.chmod(address.path, options.mode, follow_symlinks=False)
         sock.listen(_BACKLOG)
     except OSError as exc:
-        sock.close()
+        _discard(sock, address, bound)
         raise EndpointError(str(address), "listen", _listen_hint(exc)) from exc
     except EndpointError:
-        sock.close()
+        _discard(sock, address, bound)
         raise
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     return UnixListener(listener, None if address.abstract else address.path, inode)
+
+
+def _discard(sock: socket.socket, address: UnixAddress, bound: bool) -> None:
+    """Close a listening socket that failed to set up, and remove the file its bind() made."""
+    sock.close()
+    if bound:
+        with contextlib.suppress(OSError):
+            os.unlink(address.path)
 
 
 def _clear_stale_socket(address: UnixAddress) -> None:
@@ -252,12 +272,24 @@ def _clear_stale_socket(address: UnixAddress) -> None:
             "a file that is not a socket is in the way; refusing to delete it, remove it or choose another path",
         )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Non-blocking: a live listener with a full backlog answers EAGAIN at once, instead of
+    # blocking the event loop until a timeout that would then read as "stale".
+    probe.setblocking(False)
     try:
-        probe.settimeout(1.0)
         probe.connect(path)
-    except OSError:
+    except ConnectionRefusedError:
         os.unlink(path)  # stale: nobody accepts on it
         return
+    except BlockingIOError:
+        pass  # live, with a full backlog
+    except OSError as exc:
+        # EACCES and the like: no way to tell whether it is live, so never delete it.
+        raise EndpointError(
+            str(address),
+            "listen",
+            f"cannot probe the socket file already there ({exc.strerror}); remove it if it is stale,"
+            " or choose another path",
+        ) from exc
     finally:
         probe.close()
     raise EndpointError(str(address), "listen", "another process is listening on this socket; stop it first")
@@ -289,7 +321,10 @@ def _lookup(
 
 
 async def _connect_unix(address: UnixAddress) -> Stream:
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:  # EMFILE/ENFILE: fail this connection, never the process
+        raise translate_connect_error(address, exc) from exc
     try:
         await sock.connect(address.sockaddr)
     except OSError as exc:
@@ -348,6 +383,10 @@ def sockaddr_text(family: int, sockaddr: object) -> str:
             return "unix:(unnamed)"
         assert isinstance(sockaddr, str)
         return f"unix:@{sockaddr[1:]}" if sockaddr.startswith("\0") else f"unix://{sockaddr}"
+    if family == getattr(socket, "AF_HYPERV", -1):  # pragma: no cover - Windows only
+        from hvbridge import hyperv
+
+        return hyperv.sockaddr_text(sockaddr) or str(sockaddr)
     if family == getattr(socket, "AF_VSOCK", -1) and isinstance(sockaddr, tuple):
         return str(VsockAddress(int(sockaddr[0]), int(sockaddr[1])))
     return str(sockaddr)
@@ -360,8 +399,9 @@ def unavailable_reason(address: Address) -> str | None:
             if not hasattr(socket, "AF_VSOCK"):
                 return "AF_VSOCK needs Linux"
         case HyperVAddress():
-            if not hasattr(socket, "AF_HYPERV"):
-                return "Hyper-V sockets (AF_HYPERV) need Windows and Python >= 3.12"
+            from hvbridge import hvsock
+
+            return hvsock.unavailable_reason()
         case TcpAddress() | UnixAddress() | VsockMuxAddress() | StdioAddress():
             pass
         case _:

@@ -17,6 +17,7 @@ holds the rest. The relay closes both streams of every connection it was given.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import ipaddress
 import logging
@@ -34,13 +35,15 @@ from hvbridge.logs import event
 from hvbridge.relay import Transfer, abort, buffer_pool, relay
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
 #: accept() errors that mean "out of resources for now" (trio's ACCEPT_CAPACITY_ERRNOS).
 ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY_DELAY: Final = 0.1
 #: connect_retries back off 0.2 s, 0.4 s, 0.8 s, ... but never wait longer than this.
 MAX_RETRY_DELAY: Final = 5.0
+#: Upper bounds (seconds) of the connect latency histogram's buckets; a last bucket is +Inf.
+CONNECT_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @attrs.frozen
@@ -54,6 +57,9 @@ class RouteStatistics:
     bytes_in: int
     bytes_out: int
     closed: dict[str, int]
+    #: Successful backend connects per CONNECT_LATENCY_BUCKETS bucket (not cumulative; last is +Inf).
+    connect_buckets: tuple[int, ...] = (0,) * (len(CONNECT_LATENCY_BUCKETS) + 1)
+    connect_seconds: float = 0.0
 
 
 @final
@@ -68,6 +74,13 @@ class RouteCounters:
     bytes_out: int = 0
     closed: dict[str, int] = attrs.field(factory=dict)
     live: set[Transfer] = attrs.field(factory=set)
+    connect_buckets: list[int] = attrs.field(factory=lambda: [0] * (len(CONNECT_LATENCY_BUCKETS) + 1))
+    connect_seconds: float = 0.0
+
+    def observe_connect(self, seconds: float) -> None:
+        """Count one successful backend connect that took `seconds` (retries included)."""
+        self.connect_buckets[bisect.bisect_left(CONNECT_LATENCY_BUCKETS, seconds)] += 1
+        self.connect_seconds += seconds
 
     def snapshot(self) -> RouteStatistics:
         """Freeze the counters (live transfers included)."""
@@ -79,6 +92,8 @@ class RouteCounters:
             bytes_in=self.bytes_in + sum(t.client_to_backend for t in self.live),
             bytes_out=self.bytes_out + sum(t.backend_to_client for t in self.live),
             closed=dict(self.closed),
+            connect_buckets=tuple(self.connect_buckets),
+            connect_seconds=self.connect_seconds,
         )
 
 
@@ -101,7 +116,8 @@ def is_allowed(rules: Iterable[AllowRule], peer: tuple[int, object] | None) -> b
                 ip = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
                 if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
                     ip = ip.ipv4_mapped
-                if ip.version == rule.version and ip in rule:
+                network = _unmapped(rule)
+                if ip.version == network.version and ip in network:
                     return True
             case CidRule():
                 if family == getattr(socket, "AF_VSOCK", None) and sockaddr[0] == rule.cid:
@@ -110,6 +126,27 @@ def is_allowed(rules: Iterable[AllowRule], peer: tuple[int, object] | None) -> b
                 if family == getattr(socket, "AF_HYPERV", None) and _same_vm(rule.vm, sockaddr[0]):
                     return True
     return False
+
+
+def _unmapped(rule: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A rule in IPv4-mapped form (`::ffff:a.b.c.d/N`, N >= 96) as the IPv4 network it means.
+
+    Peers are compared unmapped, so a mapped rule would otherwise silently admit no one.
+    """
+    if isinstance(rule, ipaddress.IPv6Network) and rule.prefixlen >= 96:
+        mapped = rule.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, rule.prefixlen - 96))
+    return rule
+
+
+async def peer_allowed(rules: Sequence[AllowRule], peer: tuple[int, object] | None) -> bool:
+    """is_allowed(), except that Hyper-V peers go through hvsock, which resolves VM names."""
+    if peer is not None and peer[0] == getattr(socket, "AF_HYPERV", None):  # pragma: no cover - Windows only
+        from hvbridge import hvsock
+
+        return await hvsock.peer_vm_allowed([r.vm for r in rules if isinstance(r, VmRule)], peer[1])
+    return is_allowed(rules, peer)
 
 
 def _same_vm(vm: uuid.UUID | str, peer_vm: object) -> bool:
@@ -135,6 +172,15 @@ class Supervisor:
     connect: endpoints.Connect = endpoints.connect
     counters: dict[str, RouteCounters] = attrs.field(factory=dict)
     listeners: dict[str, list[endpoints.Listener]] = attrs.field(factory=dict)
+    # Connection tasks started and not yet finished (counted from accept, before the task
+    # runs), and where wait_idle() waits for that number to reach 0.
+    _open: int = attrs.field(default=0, init=False)
+    _idle_lot: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
+
+    async def wait_idle(self) -> None:
+        """Wait until no accepted connection is open (a graceful shutdown's drain)."""
+        while self._open:
+            await self._idle_lot.park()
 
     def statistics(self) -> dict[str, RouteStatistics]:
         """Per-route counters, by route name."""
@@ -149,18 +195,30 @@ class Supervisor:
         self,
         route: Route,
         *,
+        listeners: list[endpoints.Listener] | None = None,
         task_status: trio.TaskStatus[list[endpoints.Listener]] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         """Listen on the route and serve every connection; runs until cancelled.
 
         Reports the route's listeners with `task_status.started(listeners)`, so callers can
-        read the bound addresses (port 0).
+        read the bound addresses (port 0). Cancelling stops accepting; connections already
+        accepted go on in the `connections` nursery.
+
+        Args:
+            route: The route to serve.
+            listeners: Listeners opened by the caller (socket activation, workers, a reload
+                that keeps the route's sockets). The caller keeps them: they stay open when
+                this returns. When None, the route's listeners are opened here and closed
+                on return.
+            task_status: Receives the listeners once every accept loop runs.
 
         Raises:
             EndpointError: The listen endpoint cannot be opened.
         """
         counters = self.counters.setdefault(route.name, RouteCounters())
-        listeners = await self.open_listeners(route.listen, route.options)
+        owned = listeners is None
+        if listeners is None:
+            listeners = await self.open_listeners(route.listen, route.options)
         try:
             slots = trio.Semaphore(route.options.max_connections)
             async with trio.open_nursery() as nursery:
@@ -185,8 +243,11 @@ class Supervisor:
                 task_status.started(listeners)
             raise AssertionError("accept loops never return")  # pragma: no cover
         finally:
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
+            for listener in listeners if owned else ():
+                # Shielded: aclose_forcefully() raises Cancelled after closing when this route
+                # is being cancelled, which would leave the other listeners bound.
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(listener)
 
     async def _accept_loop(
         self,
@@ -210,11 +271,14 @@ class Supervisor:
                     )
                     await trio.sleep(ACCEPT_RETRY_DELAY)
                     continue
+                # Anything else means the listening socket itself is broken: this route ends
+                # (service.py logs it and keeps every other route running).
                 raise
             except BaseException:
                 slots.release()
                 raise
             counters.accepted += 1
+            self._open += 1
             self.connections.start_soon(self._handle, route, stream, slots, counters)
 
     async def _handle(
@@ -226,7 +290,7 @@ class Supervisor:
         transfer = Transfer()
         counters.live.add(transfer)
         try:
-            if route.options.allow and not is_allowed(route.options.allow, peer_info):
+            if route.options.allow and not await peer_allowed(route.options.allow, peer_info):
                 counters.refused += 1
                 transfer.reason = "refused by allow list"
                 await abort(stream)
@@ -247,6 +311,10 @@ class Supervisor:
                 transfer=transfer,
             )
         finally:
+            # Cancelled while connecting, the stream is still open (relay() and abort() have
+            # closed it otherwise, and closing twice is harmless): never leak it.
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
             slots.release()
             counters.live.discard(transfer)
             counters.bytes_in += transfer.client_to_backend
@@ -267,6 +335,9 @@ class Supervisor:
                 duration=round(trio.current_time() - start, 3),
                 reason=transfer.reason,
             )
+            self._open -= 1
+            if not self._open:
+                self._idle_lot.unpark_all()
 
     async def open_backend(self, route: Route) -> endpoints.Stream:
         """Connect to the route's target within connect_timeout, retrying as configured.
@@ -279,10 +350,14 @@ class Supervisor:
         """
         options = route.options
         attempt = 0
+        start = trio.current_time()
         while True:
             try:
                 with trio.fail_after(options.connect_timeout):
-                    return await self.connect(route.connect, options)
+                    stream = await self.connect(route.connect, options)
+                # The connect latency histogram (metrics): time to a usable backend, retries included.
+                self.counters.setdefault(route.name, RouteCounters()).observe_connect(trio.current_time() - start)
+                return stream
             except trio.TooSlowError:
                 error: EndpointError = BackendUnavailable(
                     str(route.connect), "connect", f"timed out after {options.connect_timeout:g}s"
