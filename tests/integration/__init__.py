@@ -1,0 +1,1 @@
+"""Integration tests: the real `hvbridge` process on loopback, with real clients."""
