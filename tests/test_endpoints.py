@@ -225,6 +225,16 @@ async def test_unix_listener_creates_the_file_with_its_mode(tmp_path: Path, opti
     assert not path.exists()  # removed on close
 
 
+async def test_unix_listener_file_is_removed_by_a_forceful_close(tmp_path: Path) -> None:
+    # trio.aclose_forcefully() runs aclose() already cancelled: the removal must not be skipped.
+    path = tmp_path / "s.sock"
+    with trio.fail_after(LIMIT):
+        (listener,) = await open_listeners(UnixAddress(str(path)), DEFAULTS)
+        assert path.exists()
+        await trio.aclose_forcefully(listener)
+    assert not path.exists()
+
+
 async def test_unix_listener_owner_and_group(tmp_path: Path) -> None:
     path = tmp_path / "s.sock"
     user = pwd.getpwuid(os.getuid()).pw_name
