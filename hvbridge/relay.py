@@ -4,9 +4,9 @@ This module owns the data path and its rules (SPEC 4). It knows nothing of addre
 it takes any two `trio.abc.HalfCloseableStream`s, so tests drive it over memory streams.
 
 Rules:
-1. One task per direction. EOF from one side is passed on as `send_eof()` to the other while
-   the other direction keeps flowing (tcpproxy's closeRead/closeWrite). With
-   `half_close=False` the first EOF ends the connection both ways.
+1. One task per direction (spliced sockets: rule 6). EOF from one side is passed on as
+   `send_eof()` to the other while the other direction keeps flowing (tcpproxy's
+   closeRead/closeWrite). With `half_close=False` the first EOF ends the connection both ways.
 2. The relay ends when both directions are done, on a failure of either side, on the idle
    timeout, or when cancelled; in every case it closes both streams before returning.
 3. A reset (or any other failure) on one side resets the other: SO_LINGER 0 on a socket
@@ -17,6 +17,11 @@ Rules:
    recv_into() on pooled buffers instead of allocating a bytes object per read.
 5. The relay never raises for a peer's behaviour: the outcome is in Transfer.reason. Only
    cancellation (and bugs) propagate.
+6. Two TCP/Unix socket streams take the Linux fast path in splice.py instead (issue 7): bytes
+   move socket -> pipe -> socket inside the kernel, pipes are pooled and held only while bytes
+   are in flight, one reactor task moves every connection's bytes, and the caller's task is
+   the connection's only task. Rules 1-5 hold there too (splice.py states how); everything
+   else (vsock, Hyper-V sockets, stdio, memory streams) takes the recv_into path below.
 """
 
 from __future__ import annotations
@@ -25,10 +30,15 @@ import contextlib
 import errno
 import socket
 import struct
-from typing import Final, Literal, final
+from typing import TYPE_CHECKING, Final, Literal, final
 
 import attrs
 import trio
+
+from hvbridge import splice
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
 
 Side = Literal["client", "backend"]
 
@@ -78,7 +88,7 @@ def buffer_pool(size: int = DEFAULT_BUFFER_SIZE) -> BufferPool:
     return pool
 
 
-@attrs.define
+@attrs.define(eq=False)  # hashable by identity: the supervisor keeps live ones in a set
 class Transfer:
     """What a relay moved, updated live while it runs (metrics read it) and final after.
 
@@ -129,9 +139,11 @@ def _raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
 
 async def abort(stream: trio.abc.AsyncResource) -> None:
     """Close `stream` so that its peer sees a reset (RST) rather than a clean EOF."""
-    if isinstance(stream, trio.SocketStream):
-        with contextlib.suppress(OSError):  # already closed, or a family without SO_LINGER
-            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    # Any stream with a socket: trio.SocketStream, and the thread-pumped Hyper-V stream.
+    sock = getattr(stream, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError, TypeError):  # closed; no SO_LINGER; AF_VSOCK takes only ints
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     await trio.aclose_forcefully(stream)
 
 
@@ -146,12 +158,28 @@ class _Relay:
     transfer: Transfer
     last_activity: float = 0.0
     directions_open: int = 2
-    _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _scope: trio.CancelScope = attrs.field(init=False)  # the nursery's; set by run()
 
-    async def run(self) -> None:
+    async def run(self) -> Transfer:
         self.last_activity = trio.current_time()
         failed: _SideFailed | None = None
         try:
+            if splice.spliceable(self.client, self.backend):  # rule 6
+                conn = splice.Connection(
+                    self.client,
+                    self.backend,
+                    half_close=self.half_close,
+                    idle_timeout=self.idle_timeout,
+                    counts=self.transfer,
+                )
+                try:
+                    # Parked right here, not in a helper coroutine: a frame less per idle
+                    # connection (issue 7). The reactor wakes this task when the relay ends.
+                    await trio.lowlevel.wait_task_rescheduled(conn.park())
+                finally:
+                    conn.finish()
+                self.transfer.reason = conn.result()
+                return self.transfer
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._pump, self.client, self.backend, "client", "backend")
@@ -160,6 +188,8 @@ class _Relay:
                     nursery.start_soon(self._watch_idle, nursery.cancel_scope)
         except _SideFailed as exc:
             failed = exc
+        except splice.SideError as exc:
+            failed = _SideFailed(exc.side, exc.cause)
         except BaseExceptionGroup as group:
             # Both directions can fail at once (e.g. the client resets while a write to it
             # is pending); the first failure decides the reason. Anything else is a bug.
@@ -178,16 +208,23 @@ class _Relay:
             if failed is not None:
                 await self._fail(failed)
             else:
-                await trio.aclose_forcefully(self.client)
-                await trio.aclose_forcefully(self.backend)
+                # aclose_forcefully() closes, then raises Cancelled if an outer scope is
+                # cancelled: without the nested finally that would skip the backend.
+                try:
+                    await trio.aclose_forcefully(self.client)
+                finally:
+                    await trio.aclose_forcefully(self.backend)
+        return self.transfer
 
     async def _fail(self, failed: _SideFailed) -> None:
         reset = _is_reset(failed.cause)
         self.transfer.reason = f"reset by {failed.side}" if reset else f"{failed.side} error: {_describe(failed.cause)}"
         other = self.backend if failed.side == "client" else self.client
         mine = self.client if failed.side == "client" else self.backend
-        await abort(other)
-        await abort(mine)
+        try:
+            await abort(other)
+        finally:
+            await abort(mine)  # even if cancelled from outside while closing `other`
 
     async def _pump(
         self,
@@ -279,7 +316,7 @@ class _Relay:
             await trio.sleep_until(deadline)
 
 
-async def relay(
+def relay(
     client: trio.abc.HalfCloseableStream,
     backend: trio.abc.HalfCloseableStream,
     *,
@@ -287,8 +324,12 @@ async def relay(
     idle_timeout: float = 0.0,
     pool: BufferPool | None = None,
     transfer: Transfer | None = None,
-) -> Transfer:
+) -> Coroutine[object, object, Transfer]:
     """Relay bytes between `client` and `backend` until both directions are done; close both.
+
+    Use it as `await relay(...)`. It is not an `async def` itself but returns the relay's
+    coroutine, so that every open connection carries one coroutine frame fewer (issue 7:
+    memory per idle connection).
 
     Args:
         client: The accepted connection.
@@ -312,5 +353,4 @@ async def relay(
         pool if pool is not None else buffer_pool(),
         transfer if transfer is not None else Transfer(),
     )
-    await state.run()
-    return state.transfer
+    return state.run()
