@@ -45,7 +45,8 @@ Side = Literal["client", "backend"]
 #: Default relay buffer: large enough for bulk throughput, a few of them per busy connection.
 DEFAULT_BUFFER_SIZE: Final = 64 * 1024
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
-_RESET_ERRNOS: Final = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+# ENOTCONN: shutdown() or send() on a socket whose peer has already reset the connection.
+_RESET_ERRNOS: Final = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN})
 
 
 @final
