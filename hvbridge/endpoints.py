@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import grp
+import ipaddress
 import os
 import pwd
 import socket
@@ -133,7 +134,8 @@ def translate_connect_error(address: Address, exc: OSError) -> EndpointError:
     errnos = {exc.errno} | {getattr(e, "errno", None) for e in _sub_errors(exc)}
     # trio's "all attempts to connect to HOST:PORT failed" hides why; the per-address errors say it.
     reasons = dict.fromkeys(os.strerror(e.errno) for e in _sub_errors(exc) if isinstance(e, OSError) and e.errno)
-    message = exc.strerror or "; ".join(reasons) or str(exc)
+    # trio's socket connect() says "Error connecting to ADDRESS: REASON"; the address is logged anyway.
+    message = os.strerror(exc.errno) if exc.errno else exc.strerror or "; ".join(reasons) or str(exc)
     if errnos & UNAVAILABLE_ERRNOS:
         return BackendUnavailable(str(address), "connect", f"backend unavailable ({message})")
     return EndpointError(str(address), "connect", message)
@@ -160,10 +162,24 @@ async def _open_tcp_listeners(address: TcpAddress) -> list[Listener]:
 
 async def _connect_tcp(address: TcpAddress) -> Stream:
     try:
-        stream = await trio.open_tcp_stream(address.host, address.port)
+        ip = ipaddress.ip_address(address.host)
+    except ValueError:
+        ip = None
+    try:
+        if ip is None:
+            # A name: resolve it now (per connection) and try its addresses happy-eyeballs style.
+            return await trio.open_tcp_stream(address.host, address.port)
+        # An IP literal has one address to try: a plain connect skips open_tcp_stream's
+        # nursery and resolver round trip, which is most of a short connection's cost (issue 7).
+        sock = trio.socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            await sock.connect((address.host, address.port))
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)
     except OSError as exc:
         raise translate_connect_error(address, exc) from exc
-    return stream
 
 
 def _listen_hint(exc: OSError) -> str:
