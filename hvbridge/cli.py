@@ -82,8 +82,12 @@ class _Main(click.Group):
     """`hvbridge -c FILE` with no command runs the table, as `hvbridge run -c FILE` does."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        """Insert `run` when the first argument is an option and no command follows."""
-        if (args and args[0] in ("-c", "--config")) or any(a.startswith("--config=") for a in args[:1]):
+        """Insert `run` when the arguments start with an option the group itself does not take.
+
+        The group's only options are --help and --version, so `hvbridge -v -c FILE` and
+        `hvbridge --config=FILE --watch` mean `hvbridge run ...`.
+        """
+        if args and args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
