@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import grp
 import ipaddress
 import os
@@ -160,18 +161,24 @@ async def _open_tcp_listeners(address: TcpAddress) -> list[Listener]:
     return list(listeners)
 
 
-async def _connect_tcp(address: TcpAddress) -> Stream:
+@functools.lru_cache(maxsize=64)
+def _literal_family(host: str) -> int | None:
+    """AF_INET or AF_INET6 for an IP literal, None for a host name (cached: parsed per connect)."""
     try:
-        ip = ipaddress.ip_address(address.host)
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
-        ip = None
+        return None
+
+
+async def _connect_tcp(address: TcpAddress) -> Stream:
+    family = _literal_family(address.host)
     try:
-        if ip is None:
+        if family is None:
             # A name: resolve it now (per connection) and try its addresses happy-eyeballs style.
             return await trio.open_tcp_stream(address.host, address.port)
         # An IP literal has one address to try: a plain connect skips open_tcp_stream's
         # nursery and resolver round trip, which is most of a short connection's cost (issue 7).
-        sock = trio.socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
         try:
             await sock.connect((address.host, address.port))
         except BaseException:

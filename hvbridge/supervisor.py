@@ -31,7 +31,7 @@ import trio
 from hvbridge import endpoints
 from hvbridge.config import AllowRule, CidRule, Route, RouteTable, VmRule
 from hvbridge.errors import BackendUnavailable, EndpointError
-from hvbridge.logs import event
+from hvbridge.logs import LOGGER, event
 from hvbridge.relay import Transfer, abort, buffer_pool, relay
 
 if TYPE_CHECKING:
@@ -286,22 +286,28 @@ class Supervisor:
     ) -> None:
         start = trio.current_time()
         peer_info = endpoints.peer_address(stream)
-        peer = endpoints.sockaddr_text(*peer_info) if peer_info else "-"
         transfer = Transfer()
         counters.live.add(transfer)
         try:
-            if route.options.allow and not await peer_allowed(route.options.allow, peer_info):
-                counters.refused += 1
-                transfer.reason = "refused by allow list"
-                await abort(stream)
-                return
             try:
-                backend = await self.open_backend(route)
-            except EndpointError as exc:
-                counters.failed += 1
-                transfer.reason = f"connect failed: {exc.message}"
-                await abort(stream)
-                return
+                if route.options.allow and not await peer_allowed(route.options.allow, peer_info):
+                    counters.refused += 1
+                    transfer.reason = "refused by allow list"
+                    await abort(stream)
+                    return
+                try:
+                    backend = await self.open_backend(route)
+                except EndpointError as exc:
+                    counters.failed += 1
+                    transfer.reason = f"connect failed: {exc.message}"
+                    await abort(stream)
+                    return
+            except BaseException:
+                # Cancelled while connecting: the stream is still open (relay() and abort()
+                # close it on every other path, so it is not closed a second time there).
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+                raise
             await relay(
                 stream,
                 backend,
@@ -311,10 +317,6 @@ class Supervisor:
                 transfer=transfer,
             )
         finally:
-            # Cancelled while connecting, the stream is still open (relay() and abort() have
-            # closed it otherwise, and closing twice is harmless): never leak it.
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
             slots.release()
             counters.live.discard(transfer)
             counters.bytes_in += transfer.client_to_backend
@@ -324,17 +326,18 @@ class Supervisor:
             kind = transfer.reason.split(":")[0]
             counters.closed[kind] = counters.closed.get(kind, 0) + 1
             level = logging.WARNING if transfer.reason.startswith(("connect failed", "refused")) else logging.INFO
-            event(
-                level,
-                "connection closed",
-                route=route.name,
-                peer=peer,
-                target=str(route.connect),
-                bytes_in=transfer.client_to_backend,
-                bytes_out=transfer.backend_to_client,
-                duration=round(trio.current_time() - start, 3),
-                reason=transfer.reason,
-            )
+            if LOGGER.isEnabledFor(level):  # skip building the fields when the line is not logged
+                event(
+                    level,
+                    "connection closed",
+                    route=route.name,
+                    peer=endpoints.sockaddr_text(*peer_info) if peer_info else "-",
+                    target=str(route.connect),
+                    bytes_in=transfer.client_to_backend,
+                    bytes_out=transfer.backend_to_client,
+                    duration=round(trio.current_time() - start, 3),
+                    reason=transfer.reason,
+                )
             self._open -= 1
             if not self._open:
                 self._idle_lot.unpark_all()
@@ -352,18 +355,22 @@ class Supervisor:
         attempt = 0
         start = trio.current_time()
         while True:
-            try:
-                with trio.fail_after(options.connect_timeout):
+            # trio.fail_after() without its generator-based context manager (issue 7: it was
+            # a few percent of a short connection's CPU time).
+            with trio.CancelScope(deadline=trio.current_time() + options.connect_timeout) as deadline:
+                try:
                     stream = await self.connect(route.connect, options)
-                # The connect latency histogram (metrics): time to a usable backend, retries included.
-                self.counters.setdefault(route.name, RouteCounters()).observe_connect(trio.current_time() - start)
-                return stream
-            except trio.TooSlowError:
-                error: EndpointError = BackendUnavailable(
+                except BackendUnavailable as exc:
+                    error: EndpointError = exc
+                else:
+                    # The connect latency histogram (metrics): time to a usable backend, retries included.
+                    counters = self.counters.get(route.name) or self.counters.setdefault(route.name, RouteCounters())
+                    counters.observe_connect(trio.current_time() - start)
+                    return stream
+            if deadline.cancelled_caught:
+                error = BackendUnavailable(
                     str(route.connect), "connect", f"timed out after {options.connect_timeout:g}s"
                 )
-            except BackendUnavailable as exc:
-                error = exc
             if attempt >= options.connect_retries:
                 raise error
             attempt += 1
