@@ -39,7 +39,7 @@ GiB: Final = 1024 * MiB
 CHUNK: Final = 64 * KiB
 #: Upper bound of any read loop (each read returns at least one byte or ends the loop).
 MAX_READS: Final = 1_000_000
-#: hvbridge imports trio, attrs, cattrs, click and ruamel.yaml: a busy 2-core machine needs time.
+#: hvbridge imports trio, attrs, click, prometheus_client and ruamel.yaml: a busy 2-core machine needs time.
 START_TIMEOUT: Final = 30.0
 STOP_TIMEOUT: Final = 15.0
 #: How often the /proc probes poll, and how many polls before they give up.

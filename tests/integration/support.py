@@ -34,7 +34,7 @@ CHUNK: Final = 256 * 1024
 MiB: Final = 1024 * 1024
 #: Upper bound of reads from one stream (each read returns at least one byte or EOF).
 MAX_READS: Final = 10_000_000
-#: hvbridge imports trio, attrs, cattrs and ruamel.yaml: give a loaded machine time to start it.
+#: hvbridge imports trio, attrs, prometheus_client and ruamel.yaml: give a loaded machine time to start it.
 START_TIMEOUT: Final = 20.0
 STOP_TIMEOUT: Final = 10.0
 
