@@ -31,7 +31,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final, Protocol, final
+from typing import Final, Protocol, TypeVar, final
 
 import attrs
 
@@ -640,6 +640,9 @@ WSLINFO_ARGV: Final = ("wsl.exe", "--exec", "wslinfo", "--vm-id")
 HCSDIAG_ARGV: Final = ("hcsdiag.exe", "list")
 
 
+T = TypeVar("T")
+
+
 def _first_line(result: CommandResult) -> str:
     text = decode_output(result.stderr).strip() or decode_output(result.stdout).strip()
     line = text.splitlines()[0].strip() if text else ""
@@ -670,24 +673,44 @@ class SubprocessVmLookup:
         except OSError as exc:
             return f"cannot run {argv[0]}: {exc.strerror or exc}"
 
+    def _first_answer(
+        self, attempts: Sequence[tuple[str, str, Sequence[str], Callable[[str], T]]], failures: list[str]
+    ) -> T | None:
+        """Run each attempt in turn and parse the output of the first that succeeds.
+
+        Args:
+            attempts: (name when it cannot run, name when it fails, argv, parse) tuples.
+            failures: Gets one "NAME: why" per attempt that did not succeed.
+
+        Returns:
+            The parsed output, or None if every attempt failed.
+        """
+        for cannot_run, failed, argv, parse in attempts:
+            result = self._run(argv)
+            if isinstance(result, str):
+                failures.append(f"{cannot_run}: {result}")
+            elif result.returncode != 0:
+                failures.append(f"{failed}: {_first_line(result)}")
+            else:
+                return parse(decode_output(result.stdout))
+        return None
+
     def list_vms(self) -> list[VmInfo]:
         """Every VM, from Get-VM, else from WMI Msvm_ComputerSystem.
 
         Raises:
             VmLookupError: Neither worked (the message has both reasons).
         """
-        failures = []
-        for source, script, parse in (
-            ("Get-VM", GET_VM_SCRIPT, parse_get_vm_json),
-            ("Msvm_ComputerSystem", WMI_SCRIPT, parse_msvm_json),
-        ):
-            result = self._run(powershell_argv(script))
-            if isinstance(result, str):
-                failures.append(f"{source}: {result}")
-            elif result.returncode != 0:
-                failures.append(f"{source}: {_first_line(result)}")
-            else:
-                return parse(decode_output(result.stdout))
+        failures: list[str] = []
+        vms = self._first_answer(
+            [
+                ("Get-VM", "Get-VM", powershell_argv(GET_VM_SCRIPT), parse_get_vm_json),
+                ("Msvm_ComputerSystem", "Msvm_ComputerSystem", powershell_argv(WMI_SCRIPT), parse_msvm_json),
+            ],
+            failures,
+        )
+        if vms is not None:
+            return vms
         raise VmLookupError(
             "cannot list Hyper-V VMs (" + "; ".join(failures) + "); this needs Hyper-V and membership"
             " in 'Hyper-V Administrators' (or an elevated prompt)"
@@ -701,21 +724,16 @@ class SubprocessVmLookup:
         Raises:
             VmLookupError: Neither worked (the message says what to try).
         """
-        failures = []
-        result = self._run(WSLINFO_ARGV)
-        if isinstance(result, str):
-            failures.append(f"wslinfo: {result}")
-        elif result.returncode != 0:
-            failures.append(f"wslinfo --vm-id: {_first_line(result)}")
-        else:
-            return parse_wslinfo_vm_id(decode_output(result.stdout))
-        result = self._run(HCSDIAG_ARGV)
-        if isinstance(result, str):
-            failures.append(f"hcsdiag: {result}")
-        elif result.returncode != 0:
-            failures.append(f"hcsdiag list: {_first_line(result)}")
-        else:
-            return wsl_vm_id_from_hcsdiag(decode_output(result.stdout))
+        failures: list[str] = []
+        vm_id = self._first_answer(
+            [
+                ("wslinfo", "wslinfo --vm-id", WSLINFO_ARGV, parse_wslinfo_vm_id),
+                ("hcsdiag", "hcsdiag list", HCSDIAG_ARGV, wsl_vm_id_from_hcsdiag),
+            ],
+            failures,
+        )
+        if vm_id is not None:
+            return vm_id
         raise VmLookupError(
             "cannot find the WSL2 VM id (" + "; ".join(failures) + "); update WSL (wsl --update) for"
             " `wslinfo --vm-id`, or run as administrator for `hcsdiag list`, or give the VmId as a GUID"
