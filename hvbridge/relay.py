@@ -19,7 +19,7 @@ Rules:
    cancellation (and bugs) propagate.
 6. Two TCP/Unix socket streams take the Linux fast path in splice.py instead (issue 7): bytes
    move socket -> pipe -> socket inside the kernel, pipes are pooled and held only while bytes
-   are in flight, one reactor task moves every connection's bytes, and the caller's task is
+   are in flight, one reactor thread moves every connection's bytes, and the caller's task is
    the connection's only task. Rules 1-5 hold there too (splice.py states how); everything
    else (vsock, Hyper-V sockets, stdio, memory streams) takes the recv_into path below.
 """
@@ -192,13 +192,13 @@ class _Relay:
                     idle_timeout=self.idle_timeout,
                     counts=self.transfer,
                 )
-                try:
-                    # Parked right here, not in a helper coroutine: a frame less per idle
-                    # connection (issue 7). The reactor wakes this task when the relay ends.
-                    await trio.lowlevel.wait_task_rescheduled(conn.park())
-                finally:
-                    conn.finish()
+                # Parked right here, not in a helper coroutine: a frame less per idle
+                # connection (issue 7). The reactor wakes this task when the relay ends, and
+                # only then: a cancellation asks it to end the relay and waits for that.
+                await trio.lowlevel.wait_task_rescheduled(conn.park())
                 self.transfer.reason = conn.result()
+                if conn.aborted:
+                    await trio.lowlevel.checkpoint_if_cancelled()  # raises the Cancelled
                 return self.transfer
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope

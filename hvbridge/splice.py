@@ -10,42 +10,55 @@ How it works, and why:
    references inside the kernel (SPLICE_F_MOVE | SPLICE_F_NONBLOCK). Pipes come from a pool
    and are held only while bytes are in flight: a direction takes one when its source is
    readable and gives it back as soon as it is empty, so an idle connection holds none.
-2. One reactor per trio run (a system task) owns an epoll instance with every spliced
-   connection's sockets in it, and moves bytes from its own loop when they are ready: no task
-   switch per read or write. Each event moves at most _ROUNDS pipefuls, then the reactor yields
-   to trio, so one busy connection cannot starve the others.
-3. A connection costs the caller's task, parked until the connection ends, and its epoll
+2. One reactor per trio run owns an epoll instance with every spliced connection's sockets in
+   it, and moves bytes in its own thread, blocked in epoll_wait() when nothing is ready. That
+   thread, not a trio task, is what cuts a 1-byte round trip to socat's (docs/performance.md):
+   waking a trio task per event cost about 60% more. Each event moves at most _ROUNDS
+   pipefuls, so one busy connection cannot starve the others.
+3. The two threads share nothing but a command queue. Only the reactor thread touches a
+   started connection's state, its epoll registrations and the pipe pool; the trio side asks
+   it to start, cancel or time out a connection (a deque and an eventfd), and the reactor
+   wakes the connection's task through the trio token when it ends. A socket is closed only
+   after its task wakes, so the reactor never sees a file descriptor number reused under it.
+4. A connection costs the caller's task, parked until the connection ends, and its epoll
    registrations: no task per direction, no nursery, no buffer (issue 7: <= 4 KiB per idle
-   connection).
-4. The relay's rules hold (relay.py rules 1-5): EOF from one side becomes shutdown(SHUT_WR) on
+   connection). Idle deadlines live on the trio side (one system task, a heap), on trio's
+   clock; the reactor stamps activity with that clock.
+5. The relay's rules hold (relay.py rules 1-5): EOF from one side becomes shutdown(SHUT_WR) on
    the other while the other direction keeps flowing; a direction whose destination is full
    keeps its pipe, stops reading and waits for the destination to drain (backpressure, one pipe
    at most); a failure is raised as SideError so that relay.py resets both sides; idle timeout;
    byte counts are updated as bytes move. A pipe that still holds bytes when a connection ends
    is closed, never reused.
-5. Interest in a socket is registered only while some direction waits on it (EPOLLIN to read,
+6. Interest in a socket is registered only while some direction waits on it (EPOLLIN to read,
    EPOLLOUT to flush); a socket nobody waits on is taken out of the epoll set, so a peer that
    has gone away is noticed by the next write to it, as on the recv_into path.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import heapq
+import math
 import os
 import select
 import socket
 import sys
-from typing import Final, Literal, Protocol, final
+import threading
+from typing import TYPE_CHECKING, Final, Literal, Protocol, final
 
 import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 Side = Literal["client", "backend"]
 
 #: Bytes a pipe holds (F_SETPIPE_SZ); /proc/sys/fs/pipe-max-size caps it, 1 MiB by default.
 PIPE_SIZE: Final = 1 << 20
-#: Pipefuls one event may move before the reactor yields to other tasks.
+#: Pipefuls one event may move before the reactor serves other connections.
 _ROUNDS: Final = 4
 #: Ended connections' idle deadlines tolerated in the heap beyond the live ones.
 _COMPACT_SLACK: Final = 64
@@ -59,7 +72,7 @@ _ERR_HUP: Final = getattr(select, "EPOLLERR", 8) | getattr(select, "EPOLLHUP", 1
 
 _TCP_NOTSENT_LOWAT: Final = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 #: Off switch for the fast path (benchmarks compare against the recv_into path with it).
-enabled = sys.platform == "linux" and hasattr(os, "splice") and hasattr(select, "epoll")
+enabled = sys.platform == "linux" and hasattr(os, "splice") and hasattr(select, "epoll") and hasattr(os, "eventfd")
 
 
 class Counts(Protocol):
@@ -181,13 +194,15 @@ class _Direction:
 
 @final
 class Connection:
-    """A spliced connection: the reactor moves its bytes; its task parks until it ends.
+    """A spliced connection: the reactor thread moves its bytes; its task parks until it ends.
 
     Usage (relay.py): create it, `await trio.lowlevel.wait_task_rescheduled(conn.park())`,
-    then `finish()` (idempotent; also after a cancellation) and `result()`.
+    then `result()`, and if `aborted`, let the pending cancellation through. The task is woken
+    only once the reactor has let go of both sockets, so closing them is then safe.
     """
 
     __slots__ = (
+        "aborted",
         "backend",
         "backend_mask",
         "client",
@@ -225,10 +240,11 @@ class Connection:
         self.half_close = half_close
         self.idle_timeout = idle_timeout
         self.counts = counts
-        self.last_activity = trio.current_time()
+        self.last_activity = trio.current_time()  # trio's clock; the reactor stamps it too
         self.client_mask = 0
         self.backend_mask = 0
-        self.done = False
+        self.done = False  # set by the reactor thread when the connection ends
+        self.aborted = False  # the task was cancelled while parked
         self.reason = ""
         self.error: BaseException | None = None
         self.task: trio.lowlevel.Task | None = None
@@ -243,26 +259,32 @@ class Connection:
                     # trio.SocketStream sets 16 KiB, which would make a TCP socket report
                     # EPOLLOUT (and take spliced bytes) in 16 KiB steps; -1 = the system default.
                     sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, -1)
-        self._rearm()
-        if idle_timeout > 0:
-            self.reactor.timed += 1
-            self.reactor.expire_at(self.last_activity + idle_timeout, self)
 
-    # ------------------------------------------------------------ called by the waiting task
+    # ------------------------------------------------------------ called in the trio thread
 
     def park(self) -> Connection:
-        """Make the current task the one finish() wakes; return self as its abort function."""
+        """Hand the connection to the reactor; the current task is the one it wakes at the end.
+
+        Returns self, the abort function for wait_task_rescheduled().
+        """
         self.task = trio.lowlevel.current_task()
+        if self.idle_timeout > 0:
+            self.reactor.timed += 1
+            self.reactor.expire_at(self.last_activity + self.idle_timeout, self)
+        self.reactor.post(self.start)
         return self
 
     def __call__(self, _: object) -> trio.lowlevel.Abort:
-        """Abort function for wait_task_rescheduled(): the object itself, so parking allocates
-        no closure (issue 7 counts every byte of an idle connection)."""
-        self.task = None
-        return trio.lowlevel.Abort.SUCCEEDED
+        """Abort function: ask the reactor to end the connection, and stay parked until it has
+        (the task must not close a socket the reactor may be splicing). The object itself, so
+        parking allocates no closure (issue 7 counts every byte of an idle connection)."""
+        self.aborted = True
+        self.reactor.post(self.cancel)
+        return trio.lowlevel.Abort.FAILED
 
     def result(self) -> str:
-        """Why the connection ended (`closed`, `closed by client`, `idle timeout`...).
+        """Why the connection ended (`closed`, `closed by client`, `idle timeout`; empty if
+        cancelled).
 
         Raises:
             SideError: A read from or write to one side failed.
@@ -271,10 +293,34 @@ class Connection:
             raise self.error
         return self.reason
 
-    # ---------------------------------------------------------------- called by the reactor
+    # --------------------------------------------------------- called in the reactor thread
+
+    def start(self) -> None:
+        """Register the sockets: from here on the reactor moves this connection's bytes."""
+        self._guarded(Connection._rearm)
+
+    def cancel(self) -> None:
+        """The task was cancelled: end the connection (no reason; relay.py says `cancelled`)."""
+        self._guarded(Connection.finish)
+
+    def expire(self) -> None:
+        """The idle deadline came up on the trio side: end the connection if still idle."""
+        self._guarded(Connection._expire)
+
+    def _expire(self) -> None:
+        if not self.done and self.reactor.clock.current_time() >= self.last_activity + self.idle_timeout:
+            self.reason = "idle timeout"
+            self.finish()
+
+    def _guarded(self, action: Callable[[Connection], None]) -> None:
+        try:
+            action(self)
+        except Exception as exc:  # a bug: end this connection and raise it in its task
+            self.error = exc
+            self.finish()
 
     def on_event(self, fd: int, events: int) -> None:
-        """Move what `events` on `fd` allow; any error ends the connection, never the reactor."""
+        """Move what `events` on `fd` allow; any error ends this connection, never the reactor."""
         try:
             failed = bool(events & _ERR_HUP)
             for d in (self.up, self.down):
@@ -286,18 +332,9 @@ class Connection:
                     self._pump(d)
             if not self.done:
                 self._rearm()
-        except Exception as exc:  # a bug: end this connection and raise it in its task
+        except Exception as exc:
             self.error = exc
             self.finish()
-
-    def on_deadline(self, now: float) -> float | None:
-        """The idle deadline passed: end the connection if idle, else return the next one."""
-        deadline = self.last_activity + self.idle_timeout
-        if now < deadline:
-            return deadline
-        self.reason = "idle timeout"
-        self.finish()
-        return None
 
     def _pump(self, d: _Direction) -> None:
         """src is readable and the pipe is empty: move up to _ROUNDS pipefuls to dst."""
@@ -333,7 +370,7 @@ class Connection:
     def _write(self, d: _Direction) -> bool:
         """Splice the pipe's pending bytes into dst; False if dst is full (or failed)."""
         assert d.pipe is not None
-        self.last_activity = trio.current_time()  # bytes arrived, or dst took some
+        self.last_activity = self.reactor.now  # bytes arrived, or dst took some
         while d.pending:
             try:
                 n = os.splice(d.pipe.read_fd, d.dst, d.pending, flags=_SPLICE_FLAGS)
@@ -385,8 +422,6 @@ class Connection:
         if self.done:
             return
         self.done = True
-        if self.idle_timeout > 0:
-            self.reactor.forget_deadline()
         self.reactor.watch(self.up.src, self.client_mask, 0, self)
         self.reactor.watch(self.down.src, self.backend_mask, 0, self)
         self.client_mask = self.backend_mask = 0
@@ -397,19 +432,34 @@ class Connection:
                 else:
                     self.reactor.pipes.give_back(d.pipe)
                 d.pipe = None
-        task, self.task = self.task, None
-        if task is not None:
-            trio.lowlevel.reschedule(task)
+        self.reactor.ended(self)
 
 
 @final
 class _Reactor:
-    """The epoll set of every spliced connection in this trio run, and the task serving it."""
+    """The epoll set of every spliced connection in this trio run, and the thread serving it.
+
+    Each attribute belongs to one thread: `epoll`, `owners`, `pipes` and `now` to the reactor
+    thread; `deadlines`, `timed` and the idle timer to the trio thread. The two queues between
+    them (`_commands` one way, `_ended` the other) are deques, safe to append to and pop from
+    in different threads; a flag per queue saves a wake-up when one is already on its way.
+    """
 
     def __init__(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self.clock = trio.lowlevel.current_clock()
         self.epoll = select.epoll()
         self.pipes = PipePool()
-        self.owners: dict[int, Connection] = {}
+        self.now = self.clock.current_time()  # when the last epoll_wait() returned
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.epoll.register(self._wake_fd, _IN)
+        self.owners: dict[int, Connection | _Reactor] = {self._wake_fd: self}
+        self._commands: collections.deque[Callable[[], None]] = collections.deque()
+        self._commands_signalled = False
+        self._ended: collections.deque[Connection] = collections.deque()
+        self._ended_signalled = False
+        self._running = True
+        self._batch = 0  # events in the last epoll_wait(), for settle()
         # Idle deadlines: a heap of (when, tie-breaker, connection), one entry per connection
         # with an idle timeout. A connection that moved bytes since is pushed back with its new
         # deadline when its old one comes up; one that ended stays until then, or until the
@@ -417,15 +467,36 @@ class _Reactor:
         self.deadlines: list[tuple[float, int, Connection]] = []
         self.timed = 0  # live connections with an idle timeout
         self._pushed = 0
+        self._sleep: trio.CancelScope | None = None
+        self._thread = threading.Thread(target=self._loop, name="hvbridge-splice", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------------- trio thread
+
+    def post(self, command: Callable[[], None]) -> None:
+        """Have the reactor thread run `command`, which must not raise."""
+        self._commands.append(command)
+        if not self._commands_signalled:
+            self._commands_signalled = True
+            os.eventfd_write(self._wake_fd, 1)
 
     def expire_at(self, when: float, conn: Connection) -> None:
-        """Call conn.on_deadline() at `when` (trio time)."""
+        """Look at conn's idle deadline at `when` (trio time)."""
         self._pushed += 1
         heapq.heappush(self.deadlines, (when, self._pushed, conn))
+        if self._sleep is not None and when < self._sleep.deadline:
+            self._sleep.deadline = when
 
-    def forget_deadline(self) -> None:
-        """A connection with an idle timeout ended: compact the heap if mostly ended entries."""
-        self.timed -= 1
+    def _wake_tasks(self) -> None:
+        """Wake the tasks of connections the reactor has ended (run by trio, from the token)."""
+        self._ended_signalled = False
+        while self._ended:
+            conn = self._ended.popleft()
+            if conn.idle_timeout > 0:
+                self.timed -= 1
+            task, conn.task = conn.task, None
+            if task is not None:
+                trio.lowlevel.reschedule(task)
         if len(self.deadlines) > 2 * self.timed + _COMPACT_SLACK:
             self.deadlines = [entry for entry in self.deadlines if not entry[2].done]
             heapq.heapify(self.deadlines)
@@ -434,8 +505,60 @@ class _Reactor:
         now = trio.current_time()
         while self.deadlines and self.deadlines[0][0] <= now:
             _, _, conn = heapq.heappop(self.deadlines)
-            if not conn.done and (later := conn.on_deadline(now)) is not None:
-                self.expire_at(later, conn)
+            if conn.done:
+                continue
+            deadline = conn.last_activity + conn.idle_timeout
+            if now >= deadline:
+                self.post(conn.expire)  # which checks again, in case bytes moved
+                deadline = now + conn.idle_timeout
+            self.expire_at(deadline, conn)
+
+    async def serve(self) -> None:
+        """The idle timer, until the run ends; then stop the reactor thread."""
+        try:
+            while True:
+                with trio.CancelScope(deadline=self.deadlines[0][0] if self.deadlines else math.inf) as self._sleep:
+                    await trio.sleep_forever()
+                self._sleep = None
+                self._expire()
+        finally:
+            # System tasks are cancelled after the main task, so no connection is left here.
+            self._sleep = None
+            self._running = False
+            os.eventfd_write(self._wake_fd, 1)
+            self._thread.join()
+            self.epoll.close()
+            self.pipes.close()
+            os.close(self._wake_fd)
+
+    # -------------------------------------------------------------------- reactor thread
+
+    def _loop(self) -> None:
+        poll, owners, clock = self.epoll.poll, self.owners, self.clock
+        while self._running:
+            events = poll(-1, 256)
+            self.now = clock.current_time()
+            self._batch = len(events)
+            for fd, mask in events:
+                owner = owners.get(fd)  # None: ended earlier in this batch
+                if owner is not None:
+                    owner.on_event(fd, mask)
+
+    def on_event(self, fd: int, events: int) -> None:
+        """The eventfd: run the commands the trio thread posted."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._wake_fd)
+        self._commands_signalled = False  # before draining: a later post signals again
+        while self._commands:
+            self._commands.popleft()()
+
+    def ended(self, conn: Connection) -> None:
+        """conn has let go of its sockets: have trio wake its task."""
+        self._ended.append(conn)
+        if not self._ended_signalled:
+            self._ended_signalled = True
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(self._wake_tasks)
 
     def watch(self, fd: int, old: int, new: int, conn: Connection) -> None:
         """Change what the epoll set waits for on `fd` from `old` to `new` (0: nothing)."""
@@ -450,24 +573,19 @@ class _Reactor:
         else:
             self.epoll.modify(fd, new)
 
-    async def serve(self) -> None:
-        """Dispatch epoll events to their connections until the run ends."""
-        try:
-            while True:
-                if self.deadlines:
-                    with trio.move_on_at(self.deadlines[0][0]):
-                        await trio.lowlevel.wait_readable(self.epoll.fileno())
-                    self._expire()
-                else:
-                    await trio.lowlevel.wait_readable(self.epoll.fileno())
-                for fd, events in self.epoll.poll(0, 256):
-                    conn = self.owners.get(fd)
-                    if conn is not None:
-                        conn.on_event(fd, events)
-        finally:
-            # System tasks are cancelled after the main task, so no connection is left here.
-            self.epoll.close()
-            self.pipes.close()
+    async def settle(self) -> bool:
+        """Wait until the reactor has handled what is ready; True if that was nothing else."""
+        idle = False
+        done = trio.Event()
+
+        def barrier() -> None:
+            nonlocal idle
+            idle = self._batch == 1  # the eventfd alone
+            self.token.run_sync_soon(done.set)
+
+        self.post(barrier)
+        await done.wait()
+        return idle
 
 
 _REACTOR: Final = trio.lowlevel.RunVar[_Reactor]("hvbridge_splice_reactor")
@@ -481,6 +599,18 @@ def _reactor() -> _Reactor:
         _REACTOR.set(reactor)
         trio.lowlevel.spawn_system_task(reactor.serve, name="hvbridge.splice.reactor")
         return reactor
+
+
+async def settle() -> bool:
+    """Wait until the reactor thread has handled every event ready now; True if there were
+    none. trio.testing.wait_all_tasks_blocked() for the reactor thread (tests use both).
+    Without a reactor in this run (no connection spliced yet), True at once."""
+    try:
+        reactor = _REACTOR.get()
+    except LookupError:
+        return True
+    await reactor.settle()  # ends the batch the call came in...
+    return await reactor.settle()  # ...so this batch holds everything ready since
 
 
 def pipe_pool() -> PipePool:

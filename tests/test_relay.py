@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final, final
 import pytest
 import trio
 import trio.testing
+from support import settled
 from trio.testing import MemoryReceiveStream, MemorySendStream, memory_stream_pump
 
 from hvbridge import splice
@@ -214,7 +215,7 @@ async def run_relay(
         done.set()
 
     nursery.start_soon(run)
-    await trio.testing.wait_all_tasks_blocked()
+    await settled()
     return transfer, done
 
 
@@ -586,7 +587,7 @@ async def test_a_reader_that_does_not_read_stops_the_relay_reading() -> None:
             transfer, done = await run_relay(nursery, client_relay_end, backend_relay_end, pool=pool)
             await client.send_all(payload)  # memory streams buffer all of it
             await client.send_eof()
-            await trio.testing.wait_all_tasks_blocked()
+            await settled()
             # The backend reads nothing, so the relay holds at most one chunk.
             assert 0 < client_relay_end.received <= pool.size
             assert transfer.client_to_backend == 0
@@ -595,7 +596,7 @@ async def test_a_reader_that_does_not_read_stops_the_relay_reading() -> None:
             received = bytearray()
             while data := await backend.receive_some(1000):
                 received += data
-                await trio.testing.wait_all_tasks_blocked()
+                await settled()
                 assert client_relay_end.received - len(received) <= pool.size
             assert received == payload
             await backend.send_eof()
@@ -622,7 +623,7 @@ async def test_a_socket_direction_reads_at_most_one_buffer_ahead() -> None:
                 except BlockingIOError:
                     break
                 written += chunk[:sent]
-            await trio.testing.wait_all_tasks_blocked()
+            await settled()
             read_by_relay = len(written) - unread_bytes(client_relay_end.socket)
             assert 0 < read_by_relay <= pool.size
             assert pool.free == 2  # exactly one buffer is in flight
@@ -703,7 +704,7 @@ async def test_an_idle_socket_connection_holds_no_buffer(monkeypatch: pytest.Mon
                 assert await receive_exactly(backend, 20_000) == b"q" * 20_000
                 await backend.send_all(b"a" * 30_000)
                 assert await receive_exactly(client, 30_000) == b"a" * 30_000
-                await trio.testing.wait_all_tasks_blocked()
+                await settled()
                 # Both directions wait for readability without a buffer in hand.
                 assert pool.free == 4
             assert outcome(transfer) == (60_000, 90_000, "")
@@ -733,7 +734,7 @@ async def test_cancellation_from_outside_closes_both(kind: str, socket_path: str
         async with trio.open_nursery() as nursery:
             transfer, done = await run_relay(nursery, client_relay_end, backend_relay_end)
             await peers[0].send_all(b"half a request")
-            await trio.testing.wait_all_tasks_blocked()
+            await settled()
             nursery.cancel_scope.cancel()
     assert not done.is_set()
     assert transfer.reason == "cancelled"
@@ -754,11 +755,11 @@ async def test_transfer_counts_are_updated_live() -> None:
             assert outcome(transfer) == (0, 0, "")
             await client.send_all(b"12345")
             await receive_exactly(backend, 5)
-            await trio.testing.wait_all_tasks_blocked()
+            await settled()
             assert outcome(transfer) == (5, 0, "")
             await backend.send_all(b"1234567")
             await receive_exactly(client, 7)
-            await trio.testing.wait_all_tasks_blocked()
+            await settled()
             assert outcome(transfer) == (5, 7, "")
             await client.send_eof()
             await backend.send_eof()

@@ -86,7 +86,7 @@ class Fds:
 
     def settled_at(self, baseline: Fds) -> bool:
         """True if nothing but the splice cache differs from `baseline`."""
-        cached = {"pipe": 2 * CACHED_PIPES, "eventpoll": CACHED_EPOLLS}
+        cached = {"pipe": 2 * CACHED_PIPES, "eventpoll": CACHED_EPOLLS, "eventfd": CACHED_EVENTFDS}
         for kind in {k for k, _ in self.kinds} | {k for k, _ in baseline.kinds}:
             if not baseline[kind] <= self[kind] <= baseline[kind] + cached.get(kind, 0):
                 return False
@@ -96,6 +96,7 @@ class Fds:
 #: What hvbridge/splice.py keeps open between connections (see Fds).
 CACHED_PIPES: Final = 16
 CACHED_EPOLLS: Final = 1
+CACHED_EVENTFDS: Final = 1  # the reactor thread's wake-up
 
 
 def _fd_kind(target: str) -> str:

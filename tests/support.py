@@ -1,0 +1,25 @@
+"""Helpers shared by the unit tests (a plain module: `from support import settled`)."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from hvbridge import splice
+
+
+async def settled() -> None:
+    """Wait until neither trio's tasks nor the splice reactor thread have anything left to do.
+
+    trio.testing.wait_all_tasks_blocked() alone does not see the reactor thread (splice.py),
+    which may still be moving bytes when every task is blocked. Bounded: 100 rounds.
+    """
+    for _ in range(100):
+        await trio.testing.wait_all_tasks_blocked()
+        if not splice.enabled:
+            return
+        idle = await splice.settle()
+        await trio.testing.wait_all_tasks_blocked()
+        if idle and await splice.settle():
+            return
+    raise AssertionError("the relay never settled")
