@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, final
 import trio
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
 Side = Literal["client", "backend"]
 
@@ -459,6 +459,7 @@ class _Reactor:
         self._ended: collections.deque[Connection] = collections.deque()
         self._ended_signalled = False
         self._running = True
+        self.dead: RuntimeError | None = None  # the reactor thread died of a bug
         self._batch = 0  # events in the last epoll_wait(), for settle()
         # Idle deadlines: a heap of (when, tie-breaker, connection), one entry per connection
         # with an idle timeout. A connection that moved bytes since is pushed back with its new
@@ -475,6 +476,9 @@ class _Reactor:
 
     def post(self, command: Callable[[], None]) -> None:
         """Have the reactor thread run `command`, which must not raise."""
+        if self.dead is not None:
+            self._fail_all([getattr(command, "__self__", None)])
+            return
         self._commands.append(command)
         if not self._commands_signalled:
             self._commands_signalled = True
@@ -534,15 +538,39 @@ class _Reactor:
     # -------------------------------------------------------------------- reactor thread
 
     def _loop(self) -> None:
-        poll, owners, clock = self.epoll.poll, self.owners, self.clock
-        while self._running:
-            events = poll(-1, 256)
-            self.now = clock.current_time()
-            self._batch = len(events)
-            for fd, mask in events:
-                owner = owners.get(fd)  # None: ended earlier in this batch
-                if owner is not None:
-                    owner.on_event(fd, mask)
+        try:
+            poll, owners, clock = self.epoll.poll, self.owners, self.clock
+            while self._running:
+                events = poll(-1, 256)
+                self.now = clock.current_time()
+                self._batch = len(events)
+                for fd, mask in events:
+                    owner = owners.get(fd)  # None: ended earlier in this batch
+                    if owner is not None:
+                        owner.on_event(fd, mask)
+        except BaseException as exc:
+            # A bug outside any one connection (those end just that connection). Nothing
+            # would move bytes or end a connection any more: fail every connection, so that
+            # no task waits forever, and crash the run loudly (a token callback that raises
+            # ends trio.run() with TrioInternalError) rather than hang.
+            self.dead = RuntimeError("the splice reactor thread died")
+            self.dead.__cause__ = exc
+            live = {owner for owner in self.owners.values() if isinstance(owner, Connection)}
+            live.update(getattr(command, "__self__", None) for command in self._commands)  # type: ignore[misc]
+            self._fail_all(live)
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(_raise, self.dead)
+            raise
+
+    def _fail_all(self, conns: Iterable[object]) -> None:
+        """After the reactor died (any thread): end `conns` with that error, wake their tasks."""
+        for conn in conns:
+            if isinstance(conn, Connection) and not conn.done:
+                conn.done = True
+                conn.error = self.dead
+                self._ended.append(conn)
+        with contextlib.suppress(trio.RunFinishedError):
+            self.token.run_sync_soon(self._wake_tasks)
 
     def on_event(self, fd: int, events: int) -> None:
         """The eventfd: run the commands the trio thread posted."""
@@ -586,6 +614,10 @@ class _Reactor:
         self.post(barrier)
         await done.wait()
         return idle
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 _REACTOR: Final = trio.lowlevel.RunVar[_Reactor]("hvbridge_splice_reactor")

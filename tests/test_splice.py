@@ -18,6 +18,8 @@ import random
 import socket
 import struct
 import termios
+import threading
+import time
 from typing import TYPE_CHECKING, Final, final
 
 import attrs
@@ -525,3 +527,50 @@ async def test_a_busy_direction_yields_after_a_few_pipefuls_and_resumes(nursery:
             both.start_soon(r.client.send_all, data)
             assert await read_exactly(r.backend, len(data)) == data
     assert r.transfer.client_to_backend == len(data)
+
+
+async def test_a_dead_reactor_thread_crashes_the_run_instead_of_hanging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a trio run of its own (in a thread): the crash ends that run, not the test's."""
+
+    class BrokenClock(trio.abc.Clock):
+        """The real time, until broken and the reactor thread asks for it."""
+
+        broken = False
+
+        def start_clock(self) -> None:
+            pass
+
+        def current_time(self) -> float:
+            if self.broken and threading.current_thread().name == "hvbridge-splice":
+                raise ZeroDivisionError("a bug in the reactor loop")
+            return time.perf_counter()
+
+        def deadline_to_sleep_time(self, deadline: float) -> float:
+            return deadline - self.current_time()
+
+    relays: list[Relayed] = []
+    clock = BrokenClock()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            relays.append(await start_relay(nursery, "unix"))
+            clock.broken = True
+            await relays[0].client.send_all(b"x")  # wakes the reactor, which asks the time
+            await trio.sleep_forever()  # the crash must end the run
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the thread's traceback
+    with pytest.raises(trio.TrioInternalError) as info, trio.fail_after(LIMIT):
+        await trio.to_thread.run_sync(lambda: trio.run(main, clock=clock), abandon_on_cancel=True)
+    group = info.value.__cause__
+    assert isinstance(group, BaseExceptionGroup)
+    died: BaseException | None = group.subgroup(RuntimeError)
+    while isinstance(died, BaseExceptionGroup):
+        died = died.exceptions[0]
+    assert died is not None
+    assert str(died) == "the splice reactor thread died"
+    assert isinstance(died.__cause__, ZeroDivisionError)
+    [r] = relays
+    assert r.done.is_set()  # its task was woken, not left parked
+    assert r.error == [died]
+    assert closed(r.inner[0])
+    assert closed(r.inner[1])
