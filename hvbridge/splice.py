@@ -13,7 +13,7 @@ How it works, and why:
 2. One reactor per trio run owns an epoll instance with every spliced connection's sockets in
    it, and moves bytes in its own thread, blocked in epoll_wait() when nothing is ready. That
    thread, not a trio task, is what cuts a 1-byte round trip to socat's (docs/performance.md):
-   waking a trio task per event cost about 60% more. Each event moves at most _ROUNDS
+   with a trio task woken per event it took twice as long. Each event moves at most _ROUNDS
    pipefuls, so one busy connection cannot starve the others.
 3. The two threads share nothing but a command queue. Only the reactor thread touches a
    started connection's state, its epoll registrations and the pipe pool; the trio side asks
