@@ -323,6 +323,7 @@ class Connection:
         """Move what `events` on `fd` allow; any error ends this connection, never the reactor.
 
         The hot path: _guarded() inlined, to save a call per event."""
+        self.reactor.handled += 1
         try:
             failed = bool(events & _ERR_HUP)
             for d in (self.up, self.down):
@@ -462,7 +463,7 @@ class _Reactor:
         self._ended_signalled = False
         self._running = True
         self.dead: RuntimeError | None = None  # the reactor thread died of a bug
-        self._batch = 0  # events in the last epoll_wait(), for settle()
+        self.handled = 0  # socket events handled (settle() tells progress by it)
         # Idle deadlines: a heap of (when, tie-breaker, connection), one entry per connection
         # with an idle timeout. A connection that moved bytes since is pushed back with its new
         # deadline when its old one comes up; one that ended stays until then, or until the
@@ -545,7 +546,6 @@ class _Reactor:
             while self._running:
                 events = poll(-1, 256)
                 self.now = clock.current_time()
-                self._batch = len(events)
                 for fd, mask in events:
                     owner = owners.get(fd)  # None: ended earlier in this batch
                     if owner is not None:
@@ -603,19 +603,23 @@ class _Reactor:
         else:
             self.epoll.modify(fd, new)
 
-    async def settle(self) -> bool:
-        """Wait until the reactor has handled what is ready; True if that was nothing else."""
-        idle = False
+    async def settle(self) -> int | None:
+        """Wait for the reactor thread to run a command. If, when it did, no socket of its
+        epoll set was ready (a fresh look, not the batch the command came in: the thread may
+        have polled before the trio thread posted), the socket events handled so far; else None.
+        """
+        handled: int | None = None
         done = trio.Event()
 
         def barrier() -> None:
-            nonlocal idle
-            idle = self._batch == 1  # the eventfd alone
+            nonlocal handled
+            if all(fd == self._wake_fd for fd, _ in self.epoll.poll(0)):
+                handled = self.handled
             self.token.run_sync_soon(done.set)
 
         self.post(barrier)
         await done.wait()
-        return idle
+        return handled
 
 
 def _raise(exc: BaseException) -> None:
@@ -635,16 +639,16 @@ def _reactor() -> _Reactor:
         return reactor
 
 
-async def settle() -> bool:
-    """Wait until the reactor thread has handled every event ready now; True if there were
-    none. trio.testing.wait_all_tasks_blocked() for the reactor thread (tests use both).
-    Without a reactor in this run (no connection spliced yet), True at once."""
+async def settle() -> int | None:
+    """Wait until the reactor thread has run everything posted so far. If it then had nothing
+    ready to handle, the number of socket events it has handled (a progress mark), else None.
+    trio.testing.wait_all_tasks_blocked() for the reactor thread: tests call both until
+    neither moves. Without a reactor in this run (no connection spliced yet), 0 at once."""
     try:
         reactor = _REACTOR.get()
     except LookupError:
-        return True
-    await reactor.settle()  # ends the batch the call came in...
-    return await reactor.settle()  # ...so this batch holds everything ready since
+        return 0
+    return await reactor.settle()
 
 
 def pipe_pool() -> PipePool:
