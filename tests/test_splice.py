@@ -354,6 +354,7 @@ async def test_cancel_while_idle_closes_both_and_leaves_the_epoll_set(nursery: t
     assert r.error == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 async def test_idle_timeout_counts_from_the_last_byte(family: str, nursery: trio.Nursery) -> None:
     with trio.fail_after(LIMIT):
@@ -370,6 +371,7 @@ async def test_idle_timeout_counts_from_the_last_byte(family: str, nursery: trio
     assert await read_all(r.client) == b""
 
 
+@pytest.mark.slow
 async def test_idle_timeouts_of_many_connections(nursery: trio.Nursery) -> None:
     with trio.fail_after(LIMIT):
         start = trio.current_time()
