@@ -570,9 +570,7 @@ class _Reactor:
             if isinstance(conn, Connection) and not conn.done:
                 conn.done = True
                 conn.error = self.dead
-                self._ended.append(conn)
-        with contextlib.suppress(trio.RunFinishedError):
-            self.token.run_sync_soon(self._wake_tasks)
+                self.ended(conn)
 
     def on_event(self, fd: int, events: int) -> None:
         """The eventfd: run the commands the trio thread posted."""
