@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import socket
-from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar
 
 import click
 import trio
@@ -20,7 +21,7 @@ import trio
 from hvbridge import __version__, endpoints, metrics, service
 from hvbridge.addresses import VsockAddress
 from hvbridge.cli_hyperv import hyperv_group
-from hvbridge.config import RouteTable, format_table, load_config, table_from_mapping
+from hvbridge.config import RouteTable, format_table, load_config, parse_duration, table_from_mapping
 from hvbridge.errors import HvbridgeError
 from hvbridge.logs import event, setup_logging
 from hvbridge.relay import relay
@@ -78,18 +79,65 @@ def _log_level(verbose: int, quiet: int, configured: str) -> str:
     return configured
 
 
+# Options people put before the command name too (`hvbridge -q forward ...`); the group moves
+# them after it, where each command declares them.
+_LEADING_FLAG = re.compile(r"-[vq]+|--verbose|--quiet|--config=.*|--log-format=.*|-c.+")
+_LEADING_WITH_VALUE: Final = ("-c", "--config", "--log-format")
+
+
 class _Main(click.Group):
     """`hvbridge -c FILE` with no command runs the table, as `hvbridge run -c FILE` does."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        """Insert `run` when the arguments start with an option the group itself does not take.
+        """Move leading -v/-q/--log-format/-c after the command name; with no command, insert `run`.
 
-        The group's only options are --help and --version, so `hvbridge -v -c FILE` and
+        So `hvbridge -q forward A B` means `hvbridge forward -q A B`, and `hvbridge -v -c FILE` and
         `hvbridge --config=FILE --watch` mean `hvbridge run ...`.
         """
-        if args and args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
+        leading: list[str] = []
+        rest = list(args)
+        while rest and (rest[0] in _LEADING_WITH_VALUE or _LEADING_FLAG.fullmatch(rest[0])):
+            leading.append(rest.pop(0))
+            if leading[-1] in _LEADING_WITH_VALUE and rest:
+                leading.append(rest.pop(0))
+        if leading and rest and rest[0] in self.commands:
+            args = [rest[0], *leading, *rest[1:]]
+        elif args and args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
+
+
+class _Duration(click.ParamType):
+    """A duration option: seconds, or a number with a unit ms, s, m or h (the route table's form)."""
+
+    name = "duration"
+
+    def __init__(self, *, positive: bool = False) -> None:
+        self.positive = positive
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        """Seconds, from a string such as "5s", "500ms" or "2"."""
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            seconds = None
+        if seconds is None:
+            self.fail(f"{value!r} is not a duration; expected e.g. 5s, 500ms, 2 (seconds)", param, ctx)
+        if self.positive and seconds == 0:
+            self.fail(f"{value!r} is no time; expected a duration greater than 0, e.g. 5s, 500ms, 2", param, ctx)
+        return seconds
+
+
+_DURATION_EXAMPLE: Final = "(e.g. 5s, 500ms, 2)"
+_connect_timeout = click.option(
+    "--connect-timeout",
+    type=_Duration(positive=True),
+    default="5s",
+    show_default=True,
+    help=f"Give up connecting after this long {_DURATION_EXAMPLE}.",
+)
 
 
 _verbose = click.option("-v", "--verbose", count=True, help="More log output (debug).")
@@ -120,6 +168,10 @@ def main() -> None:
     hvbridge check -c routes.toml      validate and print the resolved table
     hvbridge forward LISTEN CONNECT    one ad-hoc route, no file
     hvbridge connect ENDPOINT          stdin/stdout <-> ENDPOINT (ssh ProxyCommand)
+    hvbridge probe -c routes.toml      ask a running daemon whether every route listens
+    hvbridge hyperv guid 22            Hyper-V helpers (service GUIDs, registry, VM ids)
+
+    -v, -q, --log-format and -c may come before or after the command name.
     """
 
 
@@ -132,7 +184,7 @@ _workers = click.option(
 )
 
 
-@main.command()
+@main.command(short_help="Run every route of the route table (SIGHUP reloads it).")
 @_config
 @click.option("--watch", is_flag=True, help="Also reload when the file changes (polled every second).")
 @_workers
@@ -146,7 +198,7 @@ def run(config_path: str, watch: bool, workers: int, verbose: int, quiet: int, l
     _serve(table, verbose, quiet, log_format, config_path=config_path, watch=watch, workers=workers)
 
 
-@main.command()
+@main.command(short_help="Validate the route table and print it resolved.")
 @_config
 @_user_errors
 def check(config_path: str) -> None:
@@ -169,16 +221,17 @@ def check(config_path: str) -> None:
                 )
 
 
-@main.command()
+@main.command(short_help="Relay LISTEN to CONNECT: one route, no file.")
 @click.argument("listen")
 @click.argument("connect_to", metavar="CONNECT")
-@click.option("--connect-timeout", default="5s", show_default=True, help="Give up connecting after this long.")
+@_connect_timeout
 @click.option("--connect-retries", default=0, show_default=True, help="Extra connect attempts, with backoff.")
 @click.option(
     "--idle-timeout",
+    type=_Duration(),
     default="0s",
     show_default=True,
-    help="Close connections idle this long (0: never).",
+    help=f"Close connections idle this long, 0: never {_DURATION_EXAMPLE}.",
 )
 @click.option("--max-connections", default=1024, show_default=True, help="Most connections at once.")
 @click.option(
@@ -197,9 +250,9 @@ def check(config_path: str) -> None:
 def forward(
     listen: str,
     connect_to: str,
-    connect_timeout: str,
+    connect_timeout: float,
     connect_retries: int,
-    idle_timeout: str,
+    idle_timeout: float,
     max_connections: int,
     half_close: bool,
     allow: tuple[str, ...],
@@ -227,9 +280,9 @@ def forward(
     _serve(table, verbose, quiet, log_format, workers=workers)
 
 
-@main.command(name="connect")
+@main.command(name="connect", short_help="Relay stdin/stdout to ENDPOINT (ssh ProxyCommand).")
 @click.argument("endpoint")
-@click.option("--connect-timeout", default="5s", show_default=True, help="Give up connecting after this long.")
+@_connect_timeout
 @click.option("--connect-retries", default=0, show_default=True, help="Extra connect attempts, with backoff.")
 @_verbose
 @_quiet
@@ -237,7 +290,7 @@ def forward(
 @_user_errors
 def connect_command(
     endpoint: str,
-    connect_timeout: str,
+    connect_timeout: float,
     connect_retries: int,
     verbose: int,
     quiet: int,
@@ -304,7 +357,7 @@ def _serve(
     )
 
 
-@main.command()
+@main.command(short_help="Ask a running daemon whether every route listens.")
 @_config
 @_user_errors
 def probe(config_path: str) -> None:

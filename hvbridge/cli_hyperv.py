@@ -116,7 +116,7 @@ def _service_id(port: int | None, service: uuid.UUID | None) -> uuid.UUID:
     return hyperv.service_id_for_port(port)
 
 
-@click.group("hyperv")
+@click.group("hyperv", short_help="Hyper-V helpers: service GUIDs, the registry, VM ids.")
 def hyperv_group() -> None:
     """Hyper-V helpers: service GUIDs, the service registry and VM ids (Windows host).
 
@@ -126,14 +126,14 @@ def hyperv_group() -> None:
     """
 
 
-@hyperv_group.command("guid")
+@hyperv_group.command("guid", short_help="Print the Hyper-V service GUID of vsock PORT.")
 @click.argument("port", type=PORT)
 def guid_command(port: int) -> None:
     """Print the Hyper-V service GUID of vsock PORT (2761 -> 00000ac9-facb-11e6-bd58-64006a7986d3)."""
     click.echo(str(hyperv.service_id_for_port(port)))
 
 
-@hyperv_group.command("port")
+@hyperv_group.command("port", short_help="Print the vsock port a service GUID stands for.")
 @click.argument("service", metavar="GUID", callback=_guid)
 def port_command(service: uuid.UUID) -> None:
     """Print the vsock port a service GUID stands for (the reverse of `guid`)."""
@@ -146,14 +146,15 @@ def port_command(service: uuid.UUID) -> None:
     click.echo(str(port))
 
 
-@hyperv_group.command("register")
+@hyperv_group.command("register", short_help="Register a service GUID so VMs may use it (admin).")
 @click.option("--name", required=True, help="Friendly name (ElementName), e.g. 'hvbridge ssh'.")
 @click.option("--port", type=PORT, help="Register the GUID of this vsock port (Linux guests).")
 @click.option("--service", callback=_guid, metavar="GUID", help="Register this service GUID.")
 @_user_errors
 def register_command(name: str, port: int | None, service: uuid.UUID | None) -> None:
     """Register a service GUID so VMs may use it (administrator; refuses a duplicate)."""
-    entry = hyperv.register_service(_registry(), _service_id(port, service), name)
+    service_id = _service_id(port, service)  # a usage error comes before the registry's
+    entry = hyperv.register_service(_registry(), service_id, name)
     click.echo(f"registered {_describe(entry)} as {name!r} in {hyperv.SERVICES_KEY_DISPLAY}\\{entry.key}")
 
 
@@ -163,12 +164,13 @@ def register_command(name: str, port: int | None, service: uuid.UUID | None) -> 
 @_user_errors
 def unregister_command(port: int | None, service: uuid.UUID | None) -> None:
     """Remove a registered service GUID (administrator)."""
-    entry = hyperv.unregister_service(_registry(), _service_id(port, service))
+    service_id = _service_id(port, service)  # a usage error comes before the registry's
+    entry = hyperv.unregister_service(_registry(), service_id)
     named = f" ({entry.name!r})" if entry.name is not None else ""
     click.echo(f"unregistered {_describe(entry)}{named}")
 
 
-@hyperv_group.command("services")
+@hyperv_group.command("services", short_help="List registered services and their vsock ports.")
 @_user_errors
 def services_command() -> None:
     """List registered services, with the vsock port where the GUID follows the template."""
@@ -180,7 +182,7 @@ def services_command() -> None:
     _table(("SERVICE ID", "PORT", "NAME"), rows)
 
 
-@hyperv_group.command("vms")
+@hyperv_group.command("vms", short_help="List Hyper-V VMs: name, VmId and state.")
 @click.option("--wsl", "with_wsl", is_flag=True, help="Also show the WSL2 VM (starts WSL if it is not running).")
 @_user_errors
 def vms_command(with_wsl: bool) -> None:

@@ -163,7 +163,7 @@ _FORMATS: Final[dict[str, Format]] = {".toml": "toml", ".yaml": "yaml", ".yml": 
 
 _TOP_KEYS: Final = ("bridge", "defaults", "routes")
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)?")
 _SIZE = re.compile(r"([0-9]{1,20})(B|KiB|MiB|GiB)?")
 _MODE = re.compile(r"[0-7]{1,4}")
 _KIB: Final = 1024
@@ -319,7 +319,7 @@ def parse_duration(value: object) -> float:
     """Read a duration: a non-negative number of seconds, or a string such as "250ms", "1.5s", "10m", "1h".
 
     Args:
-        value: An int or float (not a bool), or a string with a unit ms, s, m or h.
+        value: An int or float (not a bool), or a string of a number with an optional unit ms, s, m or h.
 
     Returns:
         The duration in seconds.
@@ -339,7 +339,7 @@ def parse_duration(value: object) -> float:
             number = float(match[1])
             unit = match[2]
             # Dividing (not multiplying by 0.001) keeps "250ms" exactly equal to 0.25.
-            seconds = number / 1000 if unit == "ms" else number * {"s": 1, "m": 60, "h": 3600}[unit]
+            seconds = number / 1000 if unit == "ms" else number * {None: 1, "s": 1, "m": 60, "h": 3600}[unit]
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"got {_describe(value)}; expected a duration ({_DURATION_FORMS}, such as '5s')")
     return seconds

@@ -51,3 +51,95 @@ def test_version_and_help_stay_with_the_group(runner: CliRunner) -> None:
 def test_an_unknown_option_is_a_usage_error(runner: CliRunner) -> None:
     result = runner.invoke(main, ["--no-such-option"])
     assert result.exit_code == 2
+
+
+_BOGUS_LISTEN = (
+    "Error: <command line>: routes.forward.listen: unknown endpoint 'bogus'; expected one of: tcp://HOST:PORT,"
+    " unix:///PATH, unix:@NAME, vsock://CID:PORT, hvsock://VM/SERVICE, vsock-mux:///PATH:PORT, stdio"
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-q", "forward", "bogus", "tcp://127.0.0.1:1"],
+        ["-v", "forward", "bogus", "tcp://127.0.0.1:1"],
+        ["-vv", "--log-format", "json", "forward", "bogus", "tcp://127.0.0.1:1"],
+        ["--log-format=json", "-q", "forward", "bogus", "tcp://127.0.0.1:1"],
+        ["forward", "bogus", "tcp://127.0.0.1:1", "-q", "--log-format", "text"],
+        ["forward", "bogus", "tcp://127.0.0.1:1", "--idle-timeout", "30", "--connect-timeout", "2"],
+    ],
+)
+def test_log_options_before_or_after_the_command(runner: CliRunner, args: list[str]) -> None:
+    result = runner.invoke(main, args)
+    # Reaching the route's validation (exit 1) proves `forward` got its arguments and options.
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [_BOGUS_LISTEN]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-q", "run", "-c", "{missing}"],
+        ["run", "-c", "{missing}", "-v"],
+        ["-c", "{missing}", "check"],
+        ["-v", "-c", "{missing}", "run", "--watch"],
+        ["--config={missing}", "probe"],
+    ],
+)
+def test_config_and_log_options_before_the_command(runner: CliRunner, tmp_path: Path, args: list[str]) -> None:
+    missing = tmp_path / "routes.toml"
+    result = runner.invoke(main, [a.format(missing=missing) for a in args])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [f"Error: {missing}: no such file; expected the path of a route table file"]
+
+
+def test_help_lists_every_command_with_its_whole_summary(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["--help"], terminal_width=80)
+    assert result.exit_code == 0
+    commands = result.output.split("Commands:\n")[1].splitlines()
+    assert [line.split()[0] for line in commands] == sorted(main.commands)
+    assert not any(line.endswith("...") for line in commands)
+    for name, command in main.commands.items():
+        assert f"{name}  " in result.output
+        assert command.short_help is not None
+        assert command.short_help in result.output
+    assert "hvbridge probe -c routes.toml" in result.output
+    assert "hvbridge hyperv guid 22" in result.output
+
+
+def test_hyperv_help_summaries_are_whole(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["hyperv", "--help"], terminal_width=80)
+    assert result.exit_code == 0
+    assert not any(line.endswith("...") for line in result.output.split("Commands:\n")[1].splitlines())
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [("forward", "--connect-timeout"), ("forward", "--idle-timeout"), ("connect", "--connect-timeout")],
+)
+def test_duration_options_show_a_metavar_and_an_example(runner: CliRunner, command: str, option: str) -> None:
+    result = runner.invoke(main, [command, "--help"], terminal_width=200)
+    line = next(line for line in result.output.splitlines() if line.strip().startswith(option))
+    assert f"{option} DURATION" in line
+    assert "(e.g. 5s, 500ms, 2)" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["forward", "tcp://127.0.0.1:0", "tcp://127.0.0.1:1", "--idle-timeout", "soon"],
+            "Error: Invalid value for '--idle-timeout': 'soon' is not a duration; expected e.g. 5s, 500ms, 2 (seconds)",
+        ),
+        (
+            ["connect", "tcp://127.0.0.1:1", "--connect-timeout", "0"],
+            "Error: Invalid value for '--connect-timeout': '0' is no time;"
+            " expected a duration greater than 0, e.g. 5s, 500ms, 2",
+        ),
+    ],
+)
+def test_a_bad_duration_option_is_a_usage_error(runner: CliRunner, args: list[str], message: str) -> None:
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == message

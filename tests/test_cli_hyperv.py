@@ -193,6 +193,15 @@ def test_exactly_one_of_port_and_service(runner: CliRunner, registry: hyperv.Mem
     assert error_line(result) == "Error: give exactly one of --port and --service"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="off Windows the real registry is missing")
+@pytest.mark.parametrize("command", [["register", "--name", "x"], ["unregister"]])
+def test_usage_error_comes_before_the_missing_registry(runner: CliRunner, command: list[str]) -> None:
+    both = ["--port", "22", "--service", "00000016-facb-11e6-bd58-64006a7986d3"]
+    result = run(runner, [*command, *both])
+    assert result.exit_code == 2
+    assert error_line(result) == "Error: give exactly one of --port and --service"
+
+
 def test_register_needs_a_name(runner: CliRunner, registry: hyperv.MemoryRegistry) -> None:
     result = run(runner, ["register", "--port", "22"], HyperVTools(registry=registry))
     assert result.exit_code == 2

@@ -1166,6 +1166,8 @@ def test_duration_text(seconds: float, text: str) -> None:
         ("2h", 7200.0),
         ("0s", 0.0),
         ("0.1ms", 0.0001),
+        ("5", 5.0),  # a bare number is seconds, in a string as in a number
+        ("0.5", 0.5),
     ],
 )
 def test_parse_duration(value: object, seconds: float) -> None:
@@ -1181,8 +1183,8 @@ def test_parse_duration(value: object, seconds: float) -> None:
         math.inf,
         math.nan,
         10**400,
-        "5",
         "-5s",
+        "-5",
         "5 s",
         "5S",
         "1e3s",
