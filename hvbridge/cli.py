@@ -107,7 +107,13 @@ class _Main(click.Group):
         return super().parse_args(ctx, args)
 
 
-class _Duration(click.ParamType):
+if TYPE_CHECKING:  # click 8.5 made ParamType generic; older clicks (>=8.1 is allowed) are not
+    _FloatParamType = click.ParamType[float, object]
+else:
+    _FloatParamType = click.ParamType
+
+
+class _Duration(_FloatParamType):
     """A duration option: seconds, or a number with a unit ms, s, m or h (the route table's form)."""
 
     name = "duration"
