@@ -21,8 +21,8 @@ import trio
 from hvbridge import __version__, endpoints, metrics, service
 from hvbridge.addresses import VsockAddress
 from hvbridge.cli_hyperv import hyperv_group
-from hvbridge.config import RouteTable, format_table, load_config, parse_duration, table_from_mapping
-from hvbridge.errors import HvbridgeError
+from hvbridge.config import Format, RouteTable, format_table, load_config, parse_duration, table_from_mapping
+from hvbridge.errors import ConfigError, HvbridgeError
 from hvbridge.logs import event, setup_logging
 from hvbridge.relay import relay
 from hvbridge.supervisor import Supervisor
@@ -162,6 +162,13 @@ _config = click.option(
     metavar="FILE",
     help="Route table (.toml, .yaml, .yml; `-` reads TOML from stdin).",
 )
+_format = click.option(
+    "--format",
+    "config_format",
+    type=click.Choice(["toml", "yaml"]),
+    default=None,
+    help="Read the route table as TOML or YAML, whatever its name (default: from its extension).",
+)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -192,24 +199,35 @@ _workers = click.option(
 
 @main.command(short_help="Run every route of the route table (SIGHUP reloads it).")
 @_config
+@_format
 @click.option("--watch", is_flag=True, help="Also reload when the file changes (polled every second).")
 @_workers
 @_verbose
 @_quiet
 @_log_format
 @_user_errors
-def run(config_path: str, watch: bool, workers: int, verbose: int, quiet: int, log_format: LogFormat | None) -> None:
+def run(
+    config_path: str,
+    config_format: Format | None,
+    watch: bool,
+    workers: int,
+    verbose: int,
+    quiet: int,
+    log_format: LogFormat | None,
+) -> None:
     """Run every route of the route table until SIGINT/SIGTERM; SIGHUP reloads the file."""
-    table = load_config(config_path)
-    _serve(table, verbose, quiet, log_format, config_path=config_path, watch=watch, workers=workers)
+    table = load_config(config_path, config_format)
+    load = functools.partial(load_config, config_path, config_format)
+    _serve(table, verbose, quiet, log_format, config_path=config_path, load=load, watch=watch, workers=workers)
 
 
 @main.command(short_help="Validate the route table and print it resolved.")
 @_config
+@_format
 @_user_errors
-def check(config_path: str) -> None:
+def check(config_path: str, config_format: Format | None) -> None:
     """Validate the route table and print it resolved; opens nothing. Exit 0 valid, 1 not."""
-    table = load_config(config_path)
+    table = load_config(config_path, config_format)
     click.echo(format_table(table), nl=False)
     if any(isinstance(a, VsockAddress) for r in table.routes for a in (r.listen, r.connect)) and hasattr(
         socket, "AF_VSOCK"
@@ -247,7 +265,7 @@ def check(config_path: str) -> None:
     help="Pass EOF on one way at a time.",
 )
 @click.option("--allow", multiple=True, help="Peer allowed to connect (CIDR, cid:N, vm:GUID); repeatable.")
-@click.option("--mode", default="0600", show_default=True, help="File mode of a Unix listener.")
+@click.option("--mode", default=None, help="File mode of a unix:///PATH listener, e.g. 0660.  [default: 0600]")
 @_workers
 @_verbose
 @_quiet
@@ -262,7 +280,7 @@ def forward(
     max_connections: int,
     half_close: bool,
     allow: tuple[str, ...],
-    mode: str,
+    mode: str | None,
     workers: int,
     verbose: int,
     quiet: int,
@@ -280,10 +298,22 @@ def forward(
     }
     if allow:
         route["allow"] = list(allow)
-    if listen.startswith(("unix:", "vsock-mux:")):
-        route["mode"] = mode
-    table = table_from_mapping({"routes": {"forward": route}}, source="<command line>")
-    _serve(table, verbose, quiet, log_format, workers=workers)
+    if mode is not None:
+        route["mode"] = mode  # on a listener without a file it is an error, not ignored
+    _serve(_command_line_route(route), verbose, quiet, log_format, workers=workers)
+
+
+def _command_line_route(route: dict[str, object]) -> RouteTable:
+    """A table of one route built from a command's arguments; its problems name the arguments."""
+    try:
+        return table_from_mapping({"routes": {"forward": route}}, source="<command line>")
+    except ConfigError as exc:
+        names = {"listen": "LISTEN", "connect": "CONNECT"}
+        lines = []
+        for problem in exc.problems:
+            key = problem.location.rpartition(".")[2]
+            lines.append(f"{names.get(key, '--' + key.replace('_', '-'))}: {problem.message}")
+        raise UserError("\n".join(lines)) from None
 
 
 @main.command(name="connect", short_help="Relay stdin/stdout to ENDPOINT (ssh ProxyCommand).")
@@ -344,6 +374,7 @@ def _serve(
     log_format: LogFormat | None,
     *,
     config_path: str | None = None,
+    load: Callable[[], RouteTable] | None = None,
     watch: bool = False,
     workers: int = 1,
 ) -> None:
@@ -355,7 +386,7 @@ def _serve(
         raise click.UsageError("--watch needs a route table file (not stdin)")
     service.run(
         table,
-        load=functools.partial(load_config, config_path) if from_file and config_path else None,
+        load=load if from_file else None,
         watch=config_path if watch else None,
         workers=workers,
         log_level=_log_level(verbose, quiet, "") or None,
@@ -365,13 +396,14 @@ def _serve(
 
 @main.command(short_help="Ask a running daemon whether every route listens.")
 @_config
+@_format
 @_user_errors
-def probe(config_path: str) -> None:
+def probe(config_path: str, config_format: Format | None) -> None:
     """Ask a running daemon's metrics endpoint whether every route listens; exit 0 if so, else 1.
 
     For container HEALTHCHECKs and monitoring: it needs `[bridge] metrics` in the table.
     """
-    table = load_config(config_path)
+    table = load_config(config_path, config_format)
     if table.bridge.metrics is None:
         raise UserError(f"{table.source}: bridge.metrics is not set; `probe` asks the metrics endpoint")
     if str(table.bridge.metrics).endswith(":0"):

@@ -215,13 +215,14 @@ class _Report:
 # -- public API ---------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str]) -> RouteTable:
-    """Read and validate a route table file; `-` reads TOML from standard input.
+def load_config(path: str | os.PathLike[str], fmt: Format | None = None) -> RouteTable:
+    """Read and validate a route table file; `-` reads standard input (TOML unless `fmt` says).
 
-    The format comes from the extension: `.toml`, `.yaml` or `.yml`.
+    The format is `fmt` if given, else it comes from the extension: `.toml`, `.yaml` or `.yml`.
 
     Args:
         path: The file, or `-` for standard input (source `<stdin>` in messages).
+        fmt: "toml" or "yaml" whatever the file's name (e.g. `routes.conf`), or None.
 
     Returns:
         The valid, resolved route table.
@@ -232,13 +233,19 @@ def load_config(path: str | os.PathLike[str]) -> RouteTable:
     """
     name = os.fspath(path)
     if name == "-":
-        return parse_config(_read_stdin(), fmt="toml", source="<stdin>")
-    extension = os.path.splitext(name)[1]
-    fmt = _FORMATS.get(extension.lower())
+        return parse_config(_read_stdin(), fmt=fmt or "toml", source="<stdin>")
+    if not name:
+        raise ConfigError.single(
+            "''", "", "an empty file name; expected the path of a route table file, or - for stdin"
+        )
+    text = _read_file(name)  # first: a missing file or a directory says so, whatever its name
     if fmt is None:
-        wrong = f"unsupported file extension {extension!r}" if extension else "no file extension"
-        raise ConfigError.single(name, "", f"{wrong}; expected .toml, .yaml or .yml")
-    return parse_config(_read_file(name), fmt=fmt, source=name)
+        extension = os.path.splitext(name)[1]
+        fmt = _FORMATS.get(extension.lower())
+        if fmt is None:
+            wrong = f"unsupported file extension {extension!r}" if extension else "no file extension"
+            raise ConfigError.single(name, "", f"{wrong}; expected .toml, .yaml or .yml, or --format toml|yaml")
+    return parse_config(text, fmt=fmt, source=name)
 
 
 def parse_config(text: str, *, fmt: Format, source: str) -> RouteTable:
@@ -379,6 +386,10 @@ def _read_file(name: str) -> str:
                 raise ConfigError.single(name, "", "not a regular file; expected a route table file")
             data = file.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
+        parent = os.path.dirname(name)
+        if parent and not os.path.isdir(parent):
+            message = f"no such directory {parent!r}; expected the path of a route table file"
+            raise ConfigError.single(name, "", message) from None
         raise ConfigError.single(name, "", "no such file; expected the path of a route table file") from None
     except PermissionError:
         raise ConfigError.single(name, "", "permission denied; expected a file this user may read") from None
@@ -438,6 +449,7 @@ def _load_toml(text: str, report: _Report) -> object:
         data: object = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line, message = _toml_error(str(exc), text)
+        message = _toml_duplicate(message, text, line) or message
         raise ConfigError.single(report.source, "", f"invalid TOML: {message}", line=line) from exc
     except ValueError as exc:  # int() refuses integers of more than 4300 digits
         long_number = re.search(r"[0-9][0-9_]{99,}", text)
@@ -449,6 +461,22 @@ def _load_toml(text: str, report: _Report) -> object:
         raise ConfigError.single(report.source, "", message) from exc
     report.lines.update(_toml_lines(text))
     return data
+
+
+_TOML_TWICE = re.compile(r"cannot declare \((.*)\) twice .*")
+
+
+def _toml_duplicate(message: str, text: str, line: int | None) -> str | None:
+    """tomllib's words for a key or table given twice, in the words of this module's messages."""
+    twice = _TOML_TWICE.fullmatch(message)
+    if twice is not None:
+        table = ".".join(_show_key(part.strip().strip("'\"")) for part in twice[1].split(","))
+        return f"table [{table}] is declared twice; expected each table once"
+    if not message.startswith("cannot overwrite a value") or line is None:
+        return None
+    key = _TOML_KEY_LINE.match(text.split("\n")[line - 1])
+    named = f" {_quote('.'.join(_toml_key_path(key[1])))}" if key is not None else ""
+    return f"duplicate key{named}; expected each key once in a table"
 
 
 def _toml_key_parts(line: str) -> int:
@@ -824,11 +852,23 @@ def _check_applies(
 ) -> None:
     """Cross-check the options against the route's endpoints (SPEC 3.2)."""
     unix_listener = isinstance(listen, UnixAddress | VsockMuxAddress)
+    abstract = isinstance(listen, UnixAddress) and listen.abstract
     for key in ("mode", "owner", "group"):
-        if key in options and not unix_listener:
-            if key in explicit:
+        if key in options and (abstract or not unix_listener):
+            if key in explicit and abstract:
+                why = f"{key} cannot apply to an abstract socket (unix:@NAME has no file); remove it, or listen on unix:///PATH"
+                report.add((*path, key), why)
+            elif key in explicit:
                 report.add((*path, key), f"{key} applies only to unix listeners; remove it, or listen on unix:///PATH")
             del options[key]
+    uses_hvsock = isinstance(listen, HyperVAddress) or isinstance(connect, HyperVAddress)
+    if "connected_suspend" in options and connect is not None and not uses_hvsock:
+        if "connected_suspend" in explicit:
+            report.add(
+                (*path, "connected_suspend"),
+                "connected_suspend applies only to routes with an hvsock:// endpoint; remove it",
+            )
+        del options["connected_suspend"]
     uses_vsock = isinstance(listen, VsockAddress) or isinstance(connect, VsockAddress)
     # Without a valid connect endpoint nothing can be said (its problem is reported already).
     if "vsock_buffer_size" in options and connect is not None and not uses_vsock:
@@ -972,7 +1012,9 @@ def _toml_size(size: int) -> str:
 
 def _route_items(route: Route) -> Iterator[tuple[str, str]]:
     options = route.options
-    unix_listener = isinstance(route.listen, UnixAddress | VsockMuxAddress)
+    unix_listener = isinstance(route.listen, UnixAddress | VsockMuxAddress) and not (
+        isinstance(route.listen, UnixAddress) and route.listen.abstract
+    )
     default = RouteOptions()
     yield "listen", _toml_string(str(route.listen))
     yield "connect", _toml_string(str(route.connect))
@@ -994,7 +1036,8 @@ def _route_items(route: Route) -> Iterator[tuple[str, str]]:
         yield "group", _toml_string(options.group)
     if options.vsock_buffer_size is not None:
         yield "vsock_buffer_size", _toml_size(options.vsock_buffer_size)
-    yield "connected_suspend", _toml_bool(options.connected_suspend)
+    if HyperVAddress in (type(route.listen), type(route.connect)) or options.connected_suspend:
+        yield "connected_suspend", _toml_bool(options.connected_suspend)
 
 
 def _toml_bool(value: bool) -> str:
@@ -1016,11 +1059,15 @@ def _parse_endpoint(value: object, role: Role) -> Address:
 
 
 def _parse_metrics(value: object) -> Address:
-    address = _parse_endpoint(value, "listen")
+    expected = "expected tcp://HOST:PORT, unix:///PATH or unix:@NAME, such as 'tcp://127.0.0.1:9477'"
+    try:
+        address = _parse_endpoint(value, "listen")
+    except _Invalid as exc:
+        # The endpoint parser lists every family; metrics speaks only HTTP over TCP or Unix.
+        what = exc.messages[0].partition(";")[0]
+        raise _Invalid(f"{what}; {expected}") from None
     if not isinstance(address, TcpAddress | UnixAddress):
-        raise _Invalid(
-            f"got {_quote(str(address))}; expected a tcp:// or unix:// endpoint such as 'tcp://127.0.0.1:9477'"
-        )
+        raise _Invalid(f"got {_quote(str(address))}; {expected}")
     return address
 
 
@@ -1083,9 +1130,10 @@ def _parse_mode(value: object) -> int:
     if isinstance(value, str) and _MODE.fullmatch(value) and int(value, 8) <= 0o777:
         return int(value, 8)
     expected = 'a quoted string of octal digits 0000..0777, such as "0660"'
-    if isinstance(value, int) and not isinstance(value, bool):
-        # YAML 1.2 reads an unquoted 0660 as the decimal 660, TOML refuses it: quote it.
-        expected += " (an unquoted 0660 is not read as octal)"
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**18:
+        # TOML's 0o660 arrives as the number 432, YAML 1.2's unquoted 0660 as 660: say what was
+        # read, in octal too, and that the mode must be a string.
+        raise _Invalid(f'got the number {value} (octal {value:o}); the mode must be a string, such as "0660"')
     raise _Invalid(f"got {_describe(value)}; expected {expected}")
 
 

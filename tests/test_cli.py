@@ -54,7 +54,7 @@ def test_an_unknown_option_is_a_usage_error(runner: CliRunner) -> None:
 
 
 _BOGUS_LISTEN = (
-    "Error: <command line>: routes.forward.listen: unknown endpoint 'bogus'; expected one of: tcp://HOST:PORT,"
+    "Error: LISTEN: unknown endpoint 'bogus'; expected one of: tcp://HOST:PORT,"
     " unix:///PATH, unix:@NAME, vsock://CID:PORT, hvsock://VM/SERVICE, vsock-mux:///PATH:PORT, stdio"
 )
 
@@ -143,3 +143,89 @@ def test_a_bad_duration_option_is_a_usage_error(runner: CliRunner, args: list[st
     result = runner.invoke(main, args)
     assert result.exit_code == 2
     assert result.stderr.splitlines()[-1] == message
+
+
+@pytest.mark.parametrize(
+    ("args", "lines"),
+    [
+        (
+            ["forward", "tcp://127.0.0.1:0", "tcp://127.0.0.1:1", "--mode", "0660"],
+            ["Error: --mode: mode applies only to unix listeners; remove it, or listen on unix:///PATH"],
+        ),
+        (
+            ["forward", "unix:@x", "tcp://127.0.0.1:1", "--mode", "0660"],
+            [
+                "Error: --mode: mode cannot apply to an abstract socket (unix:@NAME has no file);"
+                " remove it, or listen on unix:///PATH"
+            ],
+        ),
+        (
+            ["forward", "unix:///run/x.sock", "tcp://127.0.0.1:1", "--mode", "rw", "--allow", "10.0.0.0/8"],
+            [
+                "Error: --mode: got 'rw'; expected a quoted string of octal digits 0000..0777, such as \"0660\"",
+                "Error: --allow: allow does not apply to a unix listener;"
+                " unix listeners are guarded by mode/owner/group",
+            ],
+        ),
+        (
+            ["forward", "tcp://127.0.0.1:0", "nowhere", "--max-connections", "0"],
+            [
+                "Error: --max-connections: got 0; expected an integer 1..1000000",
+                "Error: CONNECT: unknown endpoint 'nowhere'; expected one of: tcp://HOST:PORT, unix:///PATH,"
+                " unix:@NAME, vsock://CID:PORT, hvsock://VM/SERVICE, vsock-mux:///PATH:PORT, stdio",
+            ],
+        ),
+    ],
+)
+def test_forward_errors_name_its_arguments(runner: CliRunner, args: list[str], lines: list[str]) -> None:
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == lines
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["check", "-c", ""], "Error: '': an empty file name; expected the path of a route table file, or - for stdin"),
+        (["check", "-c", "{tmp}"], "Error: {tmp}: is a directory; expected a route table file"),
+        (
+            ["check", "-c", "{tmp}/no/r.toml"],
+            "Error: {tmp}/no/r.toml: no such directory '{tmp}/no'; expected the path of a route table file",
+        ),
+        (
+            ["check", "-c", "{tmp}/routes.conf"],
+            "Error: {tmp}/routes.conf: unsupported file extension '.conf'; expected .toml, .yaml or .yml,"
+            " or --format toml|yaml",
+        ),
+    ],
+)
+def test_config_file_errors_name_the_file(runner: CliRunner, tmp_path: Path, args: list[str], line: str) -> None:
+    (tmp_path / "routes.conf").write_text(_TABLE)
+    result = runner.invoke(main, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [line.format(tmp=tmp_path)]
+
+
+_TABLE = '[routes.a]\nlisten = "tcp://127.0.0.1:2222"\nconnect = "tcp://127.0.0.1:22"\n'
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["check", "-c", "{tmp}/routes.conf", "--format", "toml"], _TABLE),
+        (
+            ["check", "--format", "yaml", "-c", "{tmp}/routes.conf"],
+            "routes:\n  a: {listen: 'tcp://127.0.0.1:2222', connect: 'tcp://127.0.0.1:22'}\n",
+        ),
+        (["check", "-c", "-"], None),
+        (["-c", "-", "check"], None),
+    ],
+)
+def test_check_reads_any_file_name_with_format(
+    runner: CliRunner, tmp_path: Path, args: list[str], text: str | None
+) -> None:
+    if text is not None:
+        (tmp_path / "routes.conf").write_text(text)
+    result = runner.invoke(main, [a.format(tmp=tmp_path) for a in args], input=_TABLE)
+    assert result.exit_code == 0, result.output
+    assert '[routes.a]\nlisten = "tcp://127.0.0.1:2222"\nconnect = "tcp://127.0.0.1:22"\n' in result.stdout

@@ -176,7 +176,14 @@ def full_table() -> RouteTable:
                 "web",
                 UnixAddress("/run/hvbridge/web.sock"),
                 VsockAddress(3, 8080),
-                attrs.evolve(inherited, mode=0o660, owner="www-data", group="33", vsock_buffer_size=1024 * 1024),
+                attrs.evolve(
+                    inherited,
+                    mode=0o660,
+                    owner="www-data",
+                    group="33",
+                    vsock_buffer_size=1024 * 1024,
+                    connected_suspend=False,  # only hvsock routes inherit it
+                ),
             ),
             Route(
                 "guest.sshd",
@@ -188,13 +195,14 @@ def full_table() -> RouteTable:
                     connect_timeout=1.5,
                     buffer_size=4096,
                     vsock_buffer_size=1024 * 1024,
+                    connected_suspend=False,
                 ),
             ),
             Route(
                 "fc",
                 TcpAddress("::1", 8080),
                 VsockMuxAddress("/run/fc/v.sock", 80),
-                attrs.evolve(inherited, half_close=True),
+                attrs.evolve(inherited, half_close=True, connected_suspend=False),
             ),
         ),
         bridge=BridgeSettings("debug", "json", TcpAddress("127.0.0.1", 9477), 2.5),
@@ -242,18 +250,25 @@ def test_minimal_table_takes_every_default() -> None:
 
 
 def test_options_that_do_not_apply_are_dropped_when_inherited() -> None:
-    # mode/owner/group are for unix listeners, vsock_buffer_size for vsock routes: a default
-    # applies where it can, and a route it cannot apply to keeps the built-in default.
+    # mode/owner/group are for unix listeners with a file, vsock_buffer_size for vsock routes,
+    # connected_suspend for hvsock routes: a default applies where it can, and a route it
+    # cannot apply to keeps the built-in default.
     table = check(
         '[defaults]\nmode = "0660"\nowner = "root"\ngroup = "0"\nvsock_buffer_size = "256KiB"\n'
+        "connected_suspend = true\n"
         f"[routes.tcp]\n{OK}"
-        '[routes.unix]\nlisten = "unix:@x"\nconnect = "tcp://h:1"\n'
+        '[routes.unix]\nlisten = "unix:///run/x.sock"\nconnect = "tcp://h:1"\n'
+        '[routes.abstract]\nlisten = "unix:@x"\nconnect = "tcp://h:1"\n'
         '[routes.mux]\nlisten = "vsock-mux:///run/v.sock:5"\nconnect = "vsock://3:5"\n'
+        '[routes.hv]\nlisten = "tcp://h:2"\nconnect = "hvsock://my-vm/22"\n'
     )
-    tcp, unix, mux = (route.options for route in table.routes)
+    tcp, unix, abstract, mux, hv = (route.options for route in table.routes)
     assert (tcp.mode, tcp.owner, tcp.group, tcp.vsock_buffer_size) == (0o600, None, None, None)
     assert (unix.mode, unix.owner, unix.group, unix.vsock_buffer_size) == (0o660, "root", "0", None)
+    assert (abstract.mode, abstract.owner, abstract.group) == (0o600, None, None)
     assert (mux.mode, mux.owner, mux.group, mux.vsock_buffer_size) == (0o660, "root", "0", 256 * 1024)
+    assert [o.connected_suspend for o in (tcp, unix, abstract, mux, hv)] == [False, False, False, False, True]
+    assert format_table(table).count("connected_suspend") == 1
 
 
 def test_vsock_buffer_size_kept_for_a_vsock_listener_whatever_connect_is() -> None:
@@ -362,14 +377,15 @@ def test_toml_crlf_line_ends() -> None:
             "routes.toml:2: bridge.log_level: got 'verbose'; expected one of: debug, info, warning, error\n"
             "routes.toml:3: bridge.log_format: got 'xml'; expected one of: text, json\n"
             "routes.toml:4: bridge.metrics: got 'vsock://3:9477';"
-            " expected a tcp:// or unix:// endpoint such as 'tcp://127.0.0.1:9477'\n"
+            " expected tcp://HOST:PORT, unix:///PATH or unix:@NAME, such as 'tcp://127.0.0.1:9477'\n"
             f"routes.toml:5: bridge.shutdown_grace: got '-1s'; expected a duration ({DURATION_FORMS}, such as '10s')\n"
             "routes.toml:6: bridge.log: unknown key; expected one of: log_format, log_level, metrics, shutdown_grace",
             id="bridge",
         ),
         pytest.param(
             f'[bridge]\nmetrics = "tcp://h"\n[routes.a]\n{OK}',
-            "routes.toml:2: bridge.metrics: invalid TCP address 'tcp://h'; expected tcp://HOST:PORT",
+            "routes.toml:2: bridge.metrics: invalid TCP address 'tcp://h';"
+            " expected tcp://HOST:PORT, unix:///PATH or unix:@NAME, such as 'tcp://127.0.0.1:9477'",
             id="metrics-address",
         ),
         pytest.param(
@@ -443,9 +459,8 @@ def test_toml_crlf_line_ends() -> None:
             " expected a size 1KiB..16MiB (bytes, or a number with a unit B, KiB, MiB or GiB, such as '64KiB')\n"
             "routes.toml:10: routes.a.vsock_buffer_size: got '64kb';"
             " expected a size 1KiB..1GiB (bytes, or a number with a unit B, KiB, MiB or GiB, such as '256KiB')\n"
-            "routes.toml:11: routes.a.mode: got 660;"
-            ' expected a quoted string of octal digits 0000..0777, such as "0660"'
-            " (an unquoted 0660 is not read as octal)\n"
+            "routes.toml:11: routes.a.mode: got the number 660 (octal 1224);"
+            ' the mode must be a string, such as "0660"\n'
             "routes.toml:12: routes.a.owner: got ''; expected a user name or a numeric id 0..4294967294\n"
             "routes.toml:13: routes.a.group: got -1; expected a group name or a numeric id 0..4294967294\n"
             "routes.toml:14: routes.a.connected_suspend: got 1; expected true or false",
@@ -454,7 +469,7 @@ def test_toml_crlf_line_ends() -> None:
         pytest.param(
             f'[routes.a]\n{OK}idle_timeout = nan\nconnect_timeout = inf\nbuffer_size = 17000000\nmode = "1777"\n'
             "connect_retries = true\nconnect_timeout = 1979-05-27\n",
-            "routes.toml:9: invalid TOML: cannot overwrite a value (column 29)",
+            "routes.toml:9: invalid TOML: duplicate key 'connect_timeout'; expected each key once in a table",
             id="toml-duplicate-key",
         ),
         pytest.param(
@@ -609,8 +624,8 @@ def test_toml_problems(text: str, message: str) -> None:
         ),
         pytest.param(
             "routes:\n  ssh:\n    listen: tcp://127.0.0.1:2222\n    connect: tcp://127.0.0.1:22\n    mode: 0660\n",
-            "routes.yaml:5: routes.ssh.mode: got 660; expected a quoted string of octal digits 0000..0777,"
-            ' such as "0660" (an unquoted 0660 is not read as octal)',
+            "routes.yaml:5: routes.ssh.mode: got the number 660 (octal 1224);"
+            ' the mode must be a string, such as "0660"',
             id="unquoted-mode",
         ),
         pytest.param(
@@ -629,8 +644,8 @@ def test_toml_problems(text: str, message: str) -> None:
             " 'tag:yaml.org,2002:merge'; expected a string, number or boolean\n"
             "routes.yaml:7: routes.ssh: got a list as a key; expected plain string keys\n"
             "routes.yaml:9: routes.ssh: got a table as a key; expected plain string keys\n"
-            "routes.yaml:11: routes.ssh.mode: got 432; expected a quoted string of octal digits 0000..0777,"
-            ' such as "0660" (an unquoted 0660 is not read as octal)\n'
+            "routes.yaml:11: routes.ssh.mode: got the number 432 (octal 660);"
+            ' the mode must be a string, such as "0660"\n'
             "routes.yaml:12: routes.ssh.idle_timeout: cannot read '2001-13-40': month must be in 1..12;"
             " expected a string, number or boolean\n"
             "routes.yaml:13: routes.ssh.group: integer is too long; expected at most 4300 digits\n"
@@ -842,8 +857,8 @@ def test_load_strips_a_byte_order_mark(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("routes.json", "unsupported file extension '.json'; expected .toml, .yaml or .yml"),
-        ("routes", "no file extension; expected .toml, .yaml or .yml"),
+        ("routes.json", "unsupported file extension '.json'; expected .toml, .yaml or .yml, or --format toml|yaml"),
+        ("routes", "no file extension; expected .toml, .yaml or .yml, or --format toml|yaml"),
     ],
 )
 def test_load_unknown_extension(tmp_path: Path, name: str, message: str) -> None:
@@ -851,6 +866,96 @@ def test_load_unknown_extension(tmp_path: Path, name: str, message: str) -> None
     path.write_text(FULL_TOML)
     with raises(f"{path}: {message}"):
         load_config(path)
+
+
+@pytest.mark.parametrize(("name", "fmt"), [("routes.conf", "toml"), ("routes", "toml"), ("routes.toml", "yaml")])
+def test_load_any_file_name_with_a_format(tmp_path: Path, name: str, fmt: Format) -> None:
+    path = tmp_path / name
+    path.write_text(FULL_TOML if fmt == "toml" else FULL_YAML)
+    assert load_config(path, fmt).routes == full_table().routes
+
+
+def test_load_stdin_in_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(FULL_YAML))
+    assert load_config("-", "yaml").routes == full_table().routes
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", "'': an empty file name; expected the path of a route table file, or - for stdin"),
+        ("{tmp}", "{tmp}: is a directory; expected a route table file"),
+        ("{tmp}/routes.d", "{tmp}/routes.d: is a directory; expected a route table file"),
+        (
+            "{tmp}/no/routes.toml",
+            "{tmp}/no/routes.toml: no such directory '{tmp}/no'; expected the path of a route table file",
+        ),
+    ],
+)
+def test_load_names_the_file(tmp_path: Path, name: str, message: str) -> None:
+    (tmp_path / "routes.d").mkdir()
+    with raises(message.format(tmp=tmp_path)):
+        load_config(name.format(tmp=tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            f"[routes.a]\n{OK}[routes.a]\n{OK}",
+            "routes.toml:4: invalid TOML: table [routes.a] is declared twice; expected each table once",
+        ),
+        (
+            f'[routes.a]\n{OK}"connect" = "tcp://h:2"\n',
+            "routes.toml:4: invalid TOML: duplicate key 'connect'; expected each key once in a table",
+        ),
+    ],
+)
+def test_toml_duplicates_named(text: str, message: str) -> None:
+    with raises(message):
+        check(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[routes.a]\nlisten = "unix:///run/a.sock"\nconnect = "tcp://h:1"\nmode = 0o660\n',
+            'routes.toml:4: routes.a.mode: got the number 432 (octal 660); the mode must be a string, such as "0660"',
+        ),
+        (
+            '[bridge]\nmetrics = "stdio"\n[routes.a]\nlisten = "tcp://h:2"\nconnect = "tcp://h:1"\n',
+            "routes.toml:2: bridge.metrics: stdio is only for `hvbridge connect`;"
+            " expected tcp://HOST:PORT, unix:///PATH or unix:@NAME, such as 'tcp://127.0.0.1:9477'",
+        ),
+        (
+            '[bridge]\nmetrics = "bogus"\n[routes.a]\nlisten = "tcp://h:2"\nconnect = "tcp://h:1"\n',
+            "routes.toml:2: bridge.metrics: unknown endpoint 'bogus';"
+            " expected tcp://HOST:PORT, unix:///PATH or unix:@NAME, such as 'tcp://127.0.0.1:9477'",
+        ),
+        (
+            '[routes.a]\nlisten = "tcp://h:2"\nconnect = "vsock://3:1"\nconnected_suspend = true\n',
+            "routes.toml:4: routes.a.connected_suspend: connected_suspend applies only to routes with an hvsock://"
+            " endpoint; remove it",
+        ),
+        (
+            '[routes.a]\nlisten = "unix:@a"\nconnect = "tcp://h:1"\nmode = "0660"\nowner = "root"\n',
+            "routes.toml:4: routes.a.mode: mode cannot apply to an abstract socket (unix:@NAME has no file);"
+            " remove it, or listen on unix:///PATH\n"
+            "routes.toml:5: routes.a.owner: owner cannot apply to an abstract socket (unix:@NAME has no file);"
+            " remove it, or listen on unix:///PATH",
+        ),
+    ],
+)
+def test_smaller_mistakes_said_plainly(text: str, message: str) -> None:
+    with raises(message):
+        check(text)
+
+
+def test_connected_suspend_kept_on_hvsock_routes() -> None:
+    table = check('[routes.a]\nlisten = "hvsock://any/22"\nconnect = "tcp://h:1"\nconnected_suspend = true\n')
+    assert table.routes[0].options.connected_suspend
+    assert "connected_suspend = true\n" in format_table(table)
 
 
 def test_load_missing_file(tmp_path: Path) -> None:
@@ -1073,7 +1178,6 @@ def test_format_table() -> None:
         'owner = "www-data"\n'
         'group = "33"\n'
         'vsock_buffer_size = "1MiB"\n'
-        "connected_suspend = true\n"
         "\n"
         '[routes."guest.sshd"]\n'
         'listen = "vsock://any:22"\n'
@@ -1086,7 +1190,6 @@ def test_format_table() -> None:
         'buffer_size = "4KiB"\n'
         'allow = ["cid:2"]\n'
         'vsock_buffer_size = "1MiB"\n'
-        "connected_suspend = true\n"
         "\n"
         "[routes.fc]\n"
         'listen = "tcp://[::1]:8080"\n'
@@ -1098,7 +1201,6 @@ def test_format_table() -> None:
         "half_close = true\n"
         'buffer_size = "128KiB"\n'
         "allow = []\n"
-        "connected_suspend = true\n"
     )
 
 
@@ -1348,13 +1450,16 @@ def valid_trees(draw: st.DrawFn) -> dict[str, object]:
         route["connect_retries"] = draw(st.integers(0, 100))
         route["max_connections"] = draw(st.integers(1, 1_000_000))
         route["half_close"] = draw(st.booleans())
-        route["connected_suspend"] = draw(st.booleans())
+        if "hvsock://" in listen + connect:
+            route["connected_suspend"] = draw(st.booleans())
         route["buffer_size"] = draw(st.one_of(st.integers(1024, 16 * 1024 * 1024), st.sampled_from(["1KiB", "16MiB"])))
-        if listen.startswith(("unix:", "vsock-mux:")):
+        if listen.startswith(("unix://", "vsock-mux:")):
             route["mode"] = draw(st.integers(0, 0o777)).__format__("04o")
             route["owner"] = draw(
                 st.one_of(st.integers(0, 2**32 - 2), st.text(min_size=1).filter(lambda s: "\0" not in s))
             )
+        elif listen.startswith("unix:@"):
+            pass  # an abstract socket has no file to take a mode or an owner
         elif listen.startswith("tcp:"):
             route["allow"] = draw(st.lists(_networks, max_size=3))
         elif listen.startswith("vsock:"):

@@ -635,7 +635,7 @@ def test_forward_with_line_breaks_in_an_endpoint_is_one_error_line(endpoint: str
     assert "Traceback" not in done.stderr, done.stderr
     assert done.status == 1, done.stderr
     [line] = done.stderr.splitlines()
-    assert line.startswith("Error: <command line>: routes.forward.listen: "), line
+    assert line.startswith("Error: LISTEN: "), line
 
 
 def test_garbage_is_really_not_utf8() -> None:
