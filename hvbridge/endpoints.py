@@ -260,6 +260,10 @@ def open_unix_listener(address: UnixAddress, options: RouteOptions) -> UnixListe
         sock.listen(_BACKLOG)
     except OSError as exc:
         _discard(sock, address, bound)
+        parent = os.path.dirname(address.path)
+        if exc.errno == errno.ENOENT and not address.abstract and parent and not os.path.isdir(parent):
+            message = f"no such directory {parent!r}; create it (systemd: RuntimeDirectory=) or choose another path"
+            raise EndpointError(str(address), "listen", message) from exc
         raise EndpointError(str(address), "listen", _listen_hint(exc)) from exc
     except EndpointError:
         _discard(sock, address, bound)

@@ -362,7 +362,9 @@ async def test_a_unix_listener_in_a_missing_directory(tmp_path: Path) -> None:
     path = tmp_path / "missing" / "s.sock"
     with trio.fail_after(LIMIT), pytest.raises(EndpointError) as raised:
         await open_listeners(UnixAddress(str(path)), DEFAULTS)
-    assert raised.value.message == "No such file or directory"
+    assert raised.value.message == (
+        f"no such directory {str(path.parent)!r}; create it (systemd: RuntimeDirectory=) or choose another path"
+    )
     assert listdir(tmp_path) == []
 
 
