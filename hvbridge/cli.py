@@ -8,24 +8,33 @@ traceback; 2 bad usage (click). Anything else escaping is a bug and keeps its tr
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
 import re
 import socket
-from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar, final
 
 import click
 import trio
 
 from hvbridge import __version__, endpoints, metrics, service
-from hvbridge.addresses import VsockAddress
+from hvbridge.addresses import Address, StdioAddress, VsockAddress, parse_address
 from hvbridge.cli_hyperv import hyperv_group
-from hvbridge.config import Format, RouteTable, format_table, load_config, parse_duration, table_from_mapping
-from hvbridge.errors import ConfigError, HvbridgeError
+from hvbridge.config import (
+    Format,
+    RouteOptions,
+    RouteTable,
+    format_table,
+    load_config,
+    parse_duration,
+    table_from_mapping,
+)
+from hvbridge.errors import AddressError, ConfigError, EndpointError, HvbridgeError
 from hvbridge.logs import event, setup_logging
 from hvbridge.relay import relay
-from hvbridge.supervisor import Supervisor
+from hvbridge.supervisor import connect_with_retries
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -319,7 +328,9 @@ def _command_line_route(route: dict[str, object]) -> RouteTable:
 @main.command(name="connect", short_help="Relay stdin/stdout to ENDPOINT (ssh ProxyCommand).")
 @click.argument("endpoint")
 @_connect_timeout
-@click.option("--connect-retries", default=0, show_default=True, help="Extra connect attempts, with backoff.")
+@click.option(
+    "--connect-retries", type=click.IntRange(0, 100), default=0, show_default=True, help="Extra connect attempts."
+)
 @_verbose
 @_quiet
 @_log_format
@@ -332,39 +343,147 @@ def connect_command(
     quiet: int,
     log_format: LogFormat | None,
 ) -> None:
-    """Relay stdin/stdout to ENDPOINT until both ways are done (e.g. as ssh ProxyCommand)."""
-    table = table_from_mapping(
-        {
-            "routes": {
-                "connect": {
-                    "listen": "unix:@hvbridge-connect-unused",
-                    "connect": endpoint,
-                    "connect_timeout": connect_timeout,
-                    "connect_retries": connect_retries,
-                }
-            }
-        },
-        source="<command line>",
-    )
+    """Relay stdin/stdout to ENDPOINT until both ways are done (e.g. as ssh ProxyCommand).
+
+    EOF on stdin (or stdin closed) is passed on to ENDPOINT, and the other way keeps flowing.
+    Exit status: 0 when both ways ended with EOF; 1 when either side failed or reset, with one
+    line saying which; 130 on Ctrl-C (SIGINT).
+    """
+    target = _connect_target(endpoint)
+    options = RouteOptions(connect_timeout=connect_timeout, connect_retries=connect_retries)
     # Quiet by default: ssh shows a ProxyCommand's stderr to its user.
     setup_logging(_log_level(verbose, quiet, "warning"), log_format or "text")
-    route = table.routes[0]
+    _stdin_at_eof_if_closed()
+    try:
+        failure = trio.run(_connect_stdio, target, options)
+    except BaseException as exc:
+        if not _interrupted(exc):
+            raise
+        click.echo("Error: connect: interrupted (SIGINT)", err=True)
+        raise click.exceptions.Exit(130) from None
+    if failure is not None:
+        raise UserError(f"connect: {failure}")
 
-    async def _connect() -> None:
-        async with trio.open_nursery() as nursery:
-            supervisor = Supervisor(nursery)
-            backend = await supervisor.open_backend(route)
-            result = await relay(endpoints.open_stdio_stream(), backend, half_close=True)
-            event(
-                logging.DEBUG,
-                "connection closed",
-                target=str(route.connect),
-                bytes_in=result.client_to_backend,
-                bytes_out=result.backend_to_client,
-                reason=result.reason,
+
+def _connect_target(endpoint: str) -> Address:
+    """ENDPOINT of `hvbridge connect`; its problems name the argument."""
+    try:
+        target = parse_address(endpoint, role="connect")
+    except AddressError as exc:
+        raise UserError(f"ENDPOINT: {exc}") from None
+    if isinstance(target, StdioAddress):
+        raise UserError(
+            "ENDPOINT: stdio is this command's own end (stdin/stdout); expected the endpoint to relay it to,"
+            " such as 'vsock://3:22' or 'tcp://127.0.0.1:22'"
+        )
+    return target
+
+
+def _stdin_at_eof_if_closed() -> None:
+    """Put /dev/null on a closed stdin (`<&-`), before anything else could take descriptor 0.
+
+    A closed stdin then reads as EOF, which is passed on as a half-close; left closed, the
+    first file trio opens would become descriptor 0 and be read as stdin.
+    """
+    try:
+        os.fstat(0)
+    except OSError:
+        null = os.open(os.devnull, os.O_RDONLY)
+        if null != 0:  # pragma: no cover - the lowest free descriptor is 0, being closed
+            os.dup2(null, 0)
+            os.close(null)
+    try:
+        os.fstat(1)
+    except OSError:
+        raise UserError("connect: stdout is closed; expected somewhere to write what ENDPOINT sends") from None
+
+
+def _interrupted(exc: BaseException) -> bool:
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    return isinstance(exc, BaseExceptionGroup) and exc.split(KeyboardInterrupt)[0] is not None
+
+
+async def _connect_stdio(target: Address, options: RouteOptions) -> str | None:
+    """Connect, relay stdin/stdout, and say what failed (None: both ways ended with EOF)."""
+    backend = await _open_target(target, options)
+    stdio = _StdioSides(endpoints.open_stdio_stream())
+    result = await relay(stdio, backend, half_close=True)
+    event(
+        logging.DEBUG,
+        "connection closed",
+        target=str(target),
+        bytes_in=result.client_to_backend,
+        bytes_out=result.backend_to_client,
+        reason=result.reason,
+    )
+    if result.reason == "closed":
+        return None
+    if result.reason == "reset by backend":
+        return f"the backend {target} reset the connection"
+    if result.reason.startswith("backend error: "):
+        return f"the backend {target} failed ({result.reason.removeprefix('backend error: ')})"
+    return stdio.failed or result.reason  # the client side: stdin or stdout
+
+
+async def _open_target(target: Address, options: RouteOptions) -> endpoints.Stream:
+    """connect_with_retries(), whose timeout speaks of this command's --connect-timeout."""
+    try:
+        return await connect_with_retries(target, options, endpoints.connect, name="connect")
+    except EndpointError as exc:
+        if exc.message.startswith("timed out after "):
+            raise EndpointError(exc.address, exc.op, f"{exc.message} (--connect-timeout)") from None
+        raise
+
+
+@final
+class _StdioSides(trio.abc.HalfCloseableStream):
+    """stdin/stdout as one stream, remembering which of the two failed first (for the message)."""
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream) -> None:
+        self.stream = stream
+        self.failed: str | None = None
+
+    def _note(self, side: str, exc: BaseException) -> None:
+        if self.failed is None:
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            closed = isinstance(exc, trio.BrokenResourceError) or (
+                isinstance(cause, OSError) and cause.errno in (errno.EPIPE, errno.ECONNRESET)
             )
+            why = cause.strerror if isinstance(cause, OSError) and cause.strerror else type(exc).__name__
+            self.failed = f"{side} closed" if closed else f"{side} failed ({why})"
 
-    trio.run(_connect)
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Write to stdout."""
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, OSError) as exc:
+            self._note("stdout", exc)
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until stdout may take more."""
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        """Close stdout: its reader sees EOF."""
+        try:
+            await self.stream.send_eof()
+        except (trio.BrokenResourceError, OSError) as exc:
+            self._note("stdout", exc)
+            raise
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Read from stdin."""
+        try:
+            return await self.stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, OSError) as exc:
+            self._note("stdin", exc)
+            raise
+
+    async def aclose(self) -> None:
+        """Close both."""
+        await self.stream.aclose()
 
 
 def _serve(

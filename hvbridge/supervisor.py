@@ -29,13 +29,15 @@ import attrs
 import trio
 
 from hvbridge import endpoints
-from hvbridge.config import AllowRule, CidRule, Route, RouteTable, VmRule
+from hvbridge.config import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.logs import LOGGER, event
 from hvbridge.relay import Transfer, abort, buffer_pool, relay
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
+
+    from hvbridge.addresses import Address
 
 #: accept() errors that mean "out of resources for now" (trio's ACCEPT_CAPACITY_ERRNOS).
 ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -343,45 +345,58 @@ class Supervisor:
                 self._idle_lot.unpark_all()
 
     async def open_backend(self, route: Route) -> endpoints.Stream:
-        """Connect to the route's target within connect_timeout, retrying as configured.
-
-        Retries only failures that say "backend unavailable" (refused, reset, timed out...),
-        with capped exponential backoff.
+        """Connect to the route's target (connect_with_retries) and record the connect latency.
 
         Raises:
             EndpointError: The last attempt's failure.
         """
-        options = route.options
-        attempt = 0
         start = trio.current_time()
-        while True:
-            # trio.fail_after() without its generator-based context manager (issue 7: it was
-            # a few percent of a short connection's CPU time).
-            with trio.CancelScope(deadline=trio.current_time() + options.connect_timeout) as deadline:
-                try:
-                    stream = await self.connect(route.connect, options)
-                except BackendUnavailable as exc:
-                    error: EndpointError = exc
-                else:
-                    # The connect latency histogram (metrics): time to a usable backend, retries included.
-                    counters = self.counters.get(route.name) or self.counters.setdefault(route.name, RouteCounters())
-                    counters.observe_connect(trio.current_time() - start)
-                    return stream
-            if deadline.cancelled_caught:
-                error = BackendUnavailable(
-                    str(route.connect), "connect", f"timed out after {options.connect_timeout:g}s"
-                )
-            if attempt >= options.connect_retries:
-                raise error
-            attempt += 1
-            delay = min(0.1 * 2**attempt, MAX_RETRY_DELAY)
-            event(
-                logging.INFO,
-                f"connect failed ({error.message}); retry {attempt}/{options.connect_retries} in {delay:g}s",
-                route=route.name,
-                target=str(route.connect),
-            )
-            await trio.sleep(delay)
+        stream = await connect_with_retries(route.connect, route.options, self.connect, name=route.name)
+        # The connect latency histogram (metrics): time to a usable backend, retries included.
+        counters = self.counters.get(route.name) or self.counters.setdefault(route.name, RouteCounters())
+        counters.observe_connect(trio.current_time() - start)
+        return stream
+
+
+async def connect_with_retries(
+    target: Address, options: RouteOptions, connect: endpoints.Connect, *, name: str
+) -> endpoints.Stream:
+    """Connect to `target` within options.connect_timeout, retrying as options.connect_retries says.
+
+    Retries only failures that say "backend unavailable" (refused, reset, timed out...),
+    with capped exponential backoff. The routes and `hvbridge connect` both use it.
+
+    Args:
+        target: The endpoint to connect to.
+        options: Its connect_timeout and connect_retries (and what `connect` reads).
+        connect: Opens one stream (endpoints.connect, or a fake in tests).
+        name: The route's name, for the retry log lines.
+
+    Raises:
+        EndpointError: The last attempt's failure.
+    """
+    attempt = 0
+    while True:
+        # trio.fail_after() without its generator-based context manager: it was a few
+        # percent of a short connection's CPU time.
+        with trio.CancelScope(deadline=trio.current_time() + options.connect_timeout) as deadline:
+            try:
+                return await connect(target, options)
+            except BackendUnavailable as exc:
+                error: EndpointError = exc
+        if deadline.cancelled_caught:
+            error = BackendUnavailable(str(target), "connect", f"timed out after {options.connect_timeout:g}s")
+        if attempt >= options.connect_retries:
+            raise error
+        attempt += 1
+        delay = min(0.1 * 2**attempt, MAX_RETRY_DELAY)
+        event(
+            logging.INFO,
+            f"connect failed ({error.message}); retry {attempt}/{options.connect_retries} in {delay:g}s",
+            route=name,
+            target=str(target),
+        )
+        await trio.sleep(delay)
 
 
 def _is_loopback_text(bound: str) -> bool:

@@ -229,3 +229,31 @@ def test_check_reads_any_file_name_with_format(
     result = runner.invoke(main, [a.format(tmp=tmp_path) for a in args], input=_TABLE)
     assert result.exit_code == 0, result.output
     assert '[routes.a]\nlisten = "tcp://127.0.0.1:2222"\nconnect = "tcp://127.0.0.1:22"\n' in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["connect", "stdio"],
+            "Error: ENDPOINT: stdio is this command's own end (stdin/stdout); expected the endpoint to relay it to,"
+            " such as 'vsock://3:22' or 'tcp://127.0.0.1:22'",
+        ),
+        (
+            ["connect", "tcp://127.0.0.1:0"],
+            "Error: ENDPOINT: cannot connect to port 0 in tcp://127.0.0.1:0; expected a port 1..65535",
+        ),
+    ],
+)
+def test_connect_errors_name_its_arguments(runner: CliRunner, args: list[str], line: str) -> None:
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [line]
+
+
+def test_connect_retries_are_bounded(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["connect", "tcp://127.0.0.1:1", "--connect-retries", "-1"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (
+        "Error: Invalid value for '--connect-retries': -1 is not in the range 0<=x<=100."
+    )
