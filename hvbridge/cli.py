@@ -27,6 +27,7 @@ from hvbridge.config import (
     RouteOptions,
     RouteTable,
     format_table,
+    listen_conflicts,
     load_config,
     parse_duration,
     table_from_mapping,
@@ -237,6 +238,10 @@ def run(
 def check(config_path: str, config_format: Format | None) -> None:
     """Validate the route table and print it resolved; opens nothing. Exit 0 valid, 1 not."""
     table = load_config(config_path, config_format)
+    # Parsing compared listen endpoints as text; here host names are resolved, as run does.
+    conflicts = listen_conflicts(table, endpoints.listen_hosts)
+    if conflicts:
+        raise UserError("\n".join(str(problem) for problem in conflicts))
     click.echo(format_table(table), nl=False)
     if any(isinstance(a, VsockAddress) for r in table.routes for a in (r.listen, r.connect)) and hasattr(
         socket, "AF_VSOCK"

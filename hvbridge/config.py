@@ -52,6 +52,7 @@ from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from ruamel.yaml.reader import ReaderError
 
 from hvbridge.addresses import (
+    VMADDR_CID_ANY,
     VMADDR_PORT_ANY,
     Address,
     HyperVAddress,
@@ -694,16 +695,12 @@ def _table(data: object, report: _Report) -> RouteTable:
             report.add((key,), _unknown_key(key, _TOP_KEYS))
     bridge = _bridge(root.get("bridge"), report)
     defaults = _defaults(root.get("defaults"), report)
-    listeners: dict[object, str] = {}
+    listeners = ListenBinds()
     routes = _routes(root.get("routes"), defaults, listeners, report)
     if bridge.metrics is not None:
-        other = listeners.get(_listen_key(bridge.metrics))
+        other = listeners.find(bridge.metrics)
         if other is not None:
-            report.add(
-                ("bridge", "metrics"),
-                f"{_quote(str(bridge.metrics))} is also the listen endpoint of route {other!r};"
-                " expected an endpoint of its own",
-            )
+            report.add(("bridge", "metrics"), _overlap_message(bridge.metrics, other, "an endpoint of its own"))
     if report.problems:
         raise report.error()
     return RouteTable(routes=routes, bridge=bridge, source=report.source)
@@ -785,7 +782,7 @@ def _defaults(value: object, report: _Report) -> dict[str, object]:
 
 
 def _routes(
-    value: object, defaults: Mapping[str, object], listeners: dict[object, str], report: _Report
+    value: object, defaults: Mapping[str, object], listeners: ListenBinds, report: _Report
 ) -> tuple[Route, ...]:
     table = {} if value is None else _as_table(value, ("routes",), report, "a table with one table per route")
     if table is None:
@@ -804,7 +801,7 @@ def _routes(
 
 
 def _route(
-    name: str, body: object, defaults: Mapping[str, object], listeners: dict[object, str], report: _Report
+    name: str, body: object, defaults: Mapping[str, object], listeners: ListenBinds, report: _Report
 ) -> Route | None:
     path = ("routes", name)
     table = _as_table(body, path, report, "a table with listen and connect")
@@ -817,14 +814,9 @@ def _route(
     # Invalid defaults were reported at defaults.KEY; a route only inherits the valid ones.
     options = {key: value for key, value in defaults.items() if key not in table} | values
     if listen is not None:
-        key = _listen_key(listen)
-        other = listeners.setdefault(key, name) if key is not None else name
-        if other != name:
-            report.add(
-                (*path, "listen"),
-                f"{_quote(str(listen))} is also the listen endpoint of route {other!r};"
-                " expected each route to listen on its own endpoint",
-            )
+        other = listeners.claim(name, listen)
+        if other is not None:
+            report.add((*path, "listen"), _overlap_message(listen, other, "each route to listen on its own endpoint"))
         _check_applies(listen, connect, options, set(values), path, report)
     if len(report.problems) > before or listen is None or connect is None:
         return None
@@ -908,19 +900,131 @@ def _allow_misfits(listen: Address, rules: tuple[AllowRule, ...], origin: str) -
             yield f"rule {_quote(str(rule))}{origin} does not apply to a {family} listener; expected {wanted}"
 
 
-def _listen_key(address: Address) -> object:
-    """What two listeners must not share; None when each bind gets its own (port 0, port any)."""
+#: A host name -> the IP addresses (text) a listener on it binds; [] when it does not resolve.
+Resolve = Callable[[str], "Sequence[str]"]
+# (family, port or service, host/CID/path/VM, wildcard): one thing a listener binds.
+_BindKey = tuple[str, object, object, bool]
+_HV_WILDCARD: Final = uuid.UUID(int=0)
+
+
+def _bind_keys(address: Address, resolve: Resolve | None) -> list[_BindKey]:
+    """What a listener on `address` binds; [] when each bind gets its own (port 0, port any)."""
     match address:
-        case TcpAddress(port=0):
-            return None
+        case TcpAddress(port=0) | StdioAddress():
+            return []
+        case TcpAddress(host=host, port=port):
+            hosts = [host]
+            if _ip_literal(host) is None:
+                hosts = list(resolve(host)) if resolve is not None else []
+                if not hosts:  # not resolved (here): its name, in any case, stands for it
+                    return [("name", port, host.casefold().rstrip("."), False)]
+            keys: list[_BindKey] = []
+            for text in hosts:
+                ip = _ip_literal(text)
+                if ip is not None:
+                    keys.append((f"ipv{ip.version}", port, ip, ip.is_unspecified))
+            return keys
         case VsockAddress(port=port) if port == VMADDR_PORT_ANY:
-            return None
+            return []
+        case VsockAddress(cid=cid, port=port):
+            return [("vsock", port, cid, cid == VMADDR_CID_ANY)]
+        case UnixAddress(abstract=True):
+            return [("unix-abstract", 0, address.path, False)]
         case UnixAddress():
-            return ("unix", address.path, address.abstract)
+            return [("unix", 0, os.path.normpath(address.path), False)]
         case VsockMuxAddress():  # the listen side binds PATH_PORT (SPEC 3.1)
-            return ("unix", f"{address.path}_{address.port}", False)
+            return [("unix", 0, os.path.normpath(f"{address.path}_{address.port}"), False)]
+        case HyperVAddress(vm=vm, service_id=service):
+            return [("hvsock", service, vm.casefold() if isinstance(vm, str) else vm, vm == _HV_WILDCARD)]
         case _:
-            return address
+            assert_never(address)
+
+
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+
+
+@attrs.define
+class ListenBinds:
+    """The listen endpoints seen so far, by what they bind: finds two that would collide.
+
+    Endpoints are compared by what they bind, not by their text: a wildcard address
+    (0.0.0.0, ::, vsock `any`, hvsock `any`) collides with every address of its family on the
+    same port, host names are compared without case (or by the addresses `resolve` gives),
+    and Unix paths after normalization. Port 0 and vsock port `any` never collide. IPv6
+    wildcards do not take IPv4: listeners are bound IPV6_V6ONLY.
+
+    Attributes:
+        resolve: Host name -> the addresses it binds (blocking); None compares names as text.
+    """
+
+    resolve: Resolve | None = None
+    _exact: dict[_BindKey, tuple[str, Address]] = attrs.field(factory=dict, init=False)
+    _wild: dict[tuple[str, object], tuple[str, Address]] = attrs.field(factory=dict, init=False)
+    _any: dict[tuple[str, object], tuple[str, Address]] = attrs.field(factory=dict, init=False)
+
+    def find(self, address: Address) -> tuple[str, Address] | None:
+        """The (owner, endpoint) seen before that `address` collides with, or None."""
+        for key in _bind_keys(address, self.resolve):
+            family, port, _, wildcard = key
+            other = self._exact.get(key) or self._wild.get((family, port))
+            if other is None and wildcard:
+                other = self._any.get((family, port))
+            if other is not None:
+                return other
+        return None
+
+    def claim(self, owner: str, address: Address) -> tuple[str, Address] | None:
+        """Record `owner`'s endpoint, unless it collides: then return the one it collides with."""
+        other = self.find(address)
+        if other is not None:
+            return other
+        for key in _bind_keys(address, self.resolve):
+            family, port, _, wildcard = key
+            self._exact.setdefault(key, (owner, address))
+            self._any.setdefault((family, port), (owner, address))
+            if wildcard:
+                self._wild.setdefault((family, port), (owner, address))
+        return None
+
+
+def _overlap_message(address: Address, other: tuple[str, Address], expected: str) -> str:
+    name, endpoint = other
+    if endpoint == address:
+        return f"{_quote(str(address))} is also the listen endpoint of route {name!r}; expected {expected}"
+    return (
+        f"{_quote(str(address))} binds what routes.{_show_key(name)}.listen ({_quote(str(endpoint))}) binds;"
+        f" expected {expected}"
+    )
+
+
+def listen_conflicts(table: RouteTable, resolve: Resolve) -> list[Problem]:
+    """Listen endpoints of `table` that collide once host names are resolved (parsing compares text).
+
+    Args:
+        table: A valid table (literal overlaps were reported when it was parsed).
+        resolve: Host name -> the IP addresses a listener on it binds (e.g. getaddrinfo).
+
+    Returns:
+        One problem per route whose listen endpoint collides with an earlier route's, or with
+        bridge.metrics; empty if none do.
+    """
+    binds = ListenBinds(resolve)
+    problems = []
+    for route in table.routes:
+        other = binds.claim(route.name, route.listen)
+        if other is not None:
+            message = _overlap_message(route.listen, other, "each route to listen on its own endpoint")
+            problems.append(Problem(table.source, None, f"routes.{_show_key(route.name)}.listen", message))
+    if table.bridge.metrics is not None:
+        other = binds.find(table.bridge.metrics)
+        if other is not None:
+            message = _overlap_message(table.bridge.metrics, other, "an endpoint of its own")
+            problems.append(Problem(table.source, None, "bridge.metrics", message))
+    return problems
 
 
 def _route_options(values: Mapping[str, object]) -> RouteOptions:

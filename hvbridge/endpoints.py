@@ -189,6 +189,18 @@ async def _connect_tcp(address: TcpAddress) -> Stream:
         raise translate_connect_error(address, exc) from exc
 
 
+def listen_hosts(host: str) -> list[str]:
+    """The addresses a TCP listener on `host` binds (getaddrinfo AI_PASSIVE, as trio binds); [] if unresolved.
+
+    Blocking (a resolver lookup): async code runs it in a thread.
+    """
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return []
+    return [str(info[4][0]) for info in infos]
+
+
 def _listen_hint(exc: OSError) -> str:
     if exc.errno == errno.EADDRINUSE:
         return "address already in use; stop the other process or choose another port/path"

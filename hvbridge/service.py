@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import logging
 import os
 import shutil
@@ -40,7 +41,7 @@ import trio
 
 from hvbridge import endpoints
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, TcpAddress, UnixAddress, VsockAddress
-from hvbridge.config import Route, RouteTable
+from hvbridge.config import ListenBinds, Route, RouteOptions, RouteTable, listen_conflicts
 from hvbridge.errors import ConfigError, EndpointError, HvbridgeError, Problem
 from hvbridge.logs import event, setup_logging
 from hvbridge.metrics import Exposition, Snapshot, open_metrics_listeners, serve_metrics
@@ -58,6 +59,36 @@ Command = Literal["reload", "stop"]
 WATCH_INTERVAL: Final = 1.0
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 _RELOAD_SIGNALS: Final = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
+
+
+def check_listen_conflicts(table: RouteTable) -> None:
+    """Refuse a table two of whose routes would bind the same address once host names resolve.
+
+    Blocking (resolver lookups) when a listen endpoint is a host name; see _check_listens().
+
+    Raises:
+        ConfigError: Naming both routes of each collision.
+    """
+    problems = listen_conflicts(table, endpoints.listen_hosts)
+    if problems:
+        raise ConfigError(problems)
+
+
+async def _check_listens(table: RouteTable) -> None:
+    """check_families() and check_listen_conflicts(); host names are resolved in a thread."""
+    check_families(table)
+    if any(isinstance(r.listen, TcpAddress) and not _is_ip_literal(r.listen.host) for r in table.routes):
+        await trio.to_thread.run_sync(check_listen_conflicts, table)
+    else:
+        check_listen_conflicts(table)  # nothing to resolve
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def check_families(table: RouteTable) -> None:
@@ -157,7 +188,11 @@ class ListenerPool:
     inherited: list[Inherited] = attrs.field(factory=list)
     open_listeners: endpoints.OpenListeners = endpoints.open_listeners
     opened: dict[PoolKey, list[endpoints.Listener]] = attrs.field(factory=dict)
+    #: Set by acquire() when it released a socket to bind another spelling of its address, failed
+    #: later and bound the released one again: the routes on it need restarting on the new one.
+    reopened: bool = attrs.field(default=False, init=False)
     _unix_options: dict[PoolKey, tuple[int, str | None, str | None]] = attrs.field(factory=dict, init=False)
+    _options: dict[PoolKey, RouteOptions] = attrs.field(factory=dict, init=False)
 
     def _find_inherited(self, route: Route) -> list[endpoints.Listener]:
         named = [i.listener for i in self.inherited if i.name == route.name]
@@ -175,6 +210,8 @@ class ListenerPool:
         """
         result: dict[str, list[endpoints.Listener]] = {}
         new: dict[PoolKey, list[endpoints.Listener]] = {}
+        released: list[PoolKey] = []
+        self.reopened = False
         try:
             for route in table.routes:
                 key = pool_key(route)
@@ -185,16 +222,46 @@ class ListenerPool:
                     self._refresh_unix_file(route, key)
                     result[route.name] = self.opened[key]
                 else:
-                    listeners = await self.open_listeners(route.listen, route.options)
+                    listeners = await self._open(route, {pool_key(r) for r in table.routes}, released)
                     new[key] = result[route.name] = listeners
                     self._unix_options[key] = _unix_file_options(route)
+                    self._options[key] = route.options
         except BaseException:
             for listeners in new.values():
                 for listener in listeners:
                     await trio.aclose_forcefully(listener)
+            for key in released:
+                try:
+                    self.opened[key] = await self.open_listeners(key[0], self._options[key])
+                except HvbridgeError as exc:
+                    event(logging.ERROR, f"cannot bind a released listener again: {exc}", listen=str(key[0]))
+                    continue
+                self.reopened = True
             raise
         self.opened.update(new)
+        for key in released:
+            self._unix_options.pop(key, None)
+            self._options.pop(key, None)
         return result
+
+    async def _open(self, route: Route, wanted: set[PoolKey], released: list[PoolKey]) -> list[endpoints.Listener]:
+        """Open a route's listeners; the error names the route.
+
+        A socket of the running table that binds what this route binds, under another spelling
+        (127.0.0.1:P -> 0.0.0.0:P or localhost:P), and that the new table no longer wants, is
+        released first: the new route takes the port over.
+        """
+        binds = ListenBinds(endpoints.listen_hosts if isinstance(route.listen, TcpAddress) else None)
+        binds.claim(route.name, route.listen)
+        for key in [k for k in self.opened if k not in wanted and binds.find(k[0]) is not None]:
+            event(logging.INFO, "releasing a listener for another spelling of its address", listen=str(key[0]))
+            released.append(key)
+            for listener in self.opened.pop(key):
+                await trio.aclose_forcefully(listener)
+        try:
+            return await self.open_listeners(route.listen, route.options)
+        except EndpointError as exc:
+            raise EndpointError(exc.address, f"routes.{route.name}.listen: {exc.op}", exc.message) from exc
 
     def _refresh_unix_file(self, route: Route, key: PoolKey) -> None:
         """A kept Unix socket file gets the route's new mode/owner/group (the file stays)."""
@@ -437,7 +504,7 @@ class Service:
         Raises:
             HvbridgeError: A listener (or the metrics address) cannot be opened.
         """
-        check_families(table)
+        await _check_listens(table)
         listeners = await self.pool.acquire(table)
         await self.engine.apply(table, listeners)
         self._listeners = listeners
@@ -559,7 +626,7 @@ class Service:
         old = self.table
         try:
             table = self.load()
-            check_families(table)
+            await _check_listens(table)
             listeners = await self.pool.acquire(table)
         except ConfigError as exc:
             for problem in exc.problems:
@@ -568,6 +635,9 @@ class Service:
             return False
         except HvbridgeError as exc:
             event(logging.ERROR, f"reload failed, keeping the running table: {exc}")
+            if self.pool.reopened:  # a released socket was bound again: its route runs on it anyway
+                self._listeners = await self.pool.acquire(old)
+                await self.engine.apply(old, self._listeners)
             self.notifier.ready(self._status())
             return False
         try:

@@ -257,3 +257,30 @@ def test_connect_retries_are_bounded(runner: CliRunner) -> None:
     assert result.stderr.splitlines()[-1] == (
         "Error: Invalid value for '--connect-retries': -1 is not in the range 0<=x<=100."
     )
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("tcp://127.0.0.1:8080", "tcp://0.0.0.0:8080"),
+        ("tcp://localhost:8080", "tcp://LOCALHOST:8080"),
+        ("vsock://any:22", "vsock://3:22"),
+        ("tcp://127.0.0.1:8080", "tcp://localhost:8080"),  # the name resolves (/etc/hosts) to the same address
+    ],
+)
+def test_check_reports_listen_endpoints_that_bind_one_address(
+    runner: CliRunner, tmp_path: Path, a: str, b: str
+) -> None:
+    path = tmp_path / "routes.toml"
+    path.write_text(
+        f'[routes.a]\nlisten = "{a}"\nconnect = "tcp://h:1"\n[routes.b]\nlisten = "{b}"\nconnect = "tcp://h:1"\n'
+    )
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 1, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"Error: {path}"), line
+    assert line.endswith(
+        f": routes.b.listen: '{b}' binds what routes.a.listen ('{a}') binds;"
+        " expected each route to listen on its own endpoint"
+    ), line
+    assert result.stdout == ""

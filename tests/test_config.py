@@ -43,6 +43,7 @@ from hvbridge.config import (
     RouteTable,
     VmRule,
     format_table,
+    listen_conflicts,
     load_config,
     parse_config,
     parse_duration,
@@ -560,7 +561,8 @@ def test_toml_crlf_line_ends() -> None:
             '[routes.f]\nlisten = "unix:@b"\nconnect = "tcp://h:1"\nallow = ["cid:1"]\n',
             "routes.toml:4: routes.a.allow: allow does not apply to a vsock-mux listener;"
             " unix listeners are guarded by mode/owner/group\n"
-            "routes.toml:6: routes.b.listen: 'unix:///run/v.sock_52' is also the listen endpoint of route 'a';"
+            "routes.toml:6: routes.b.listen: 'unix:///run/v.sock_52' binds what routes.a.listen"
+            " ('vsock-mux:///run/v.sock:52') binds;"
             " expected each route to listen on its own endpoint\n"
             "routes.toml:11: routes.c.allow: rule 'cid:1' does not apply to a hvsock listener;"
             " expected vm:GUID or vm:NAME rules\n"
@@ -956,6 +958,68 @@ def test_connected_suspend_kept_on_hvsock_routes() -> None:
     table = check('[routes.a]\nlisten = "hvsock://any/22"\nconnect = "tcp://h:1"\nconnected_suspend = true\n')
     assert table.routes[0].options.connected_suspend
     assert "connected_suspend = true\n" in format_table(table)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("tcp://127.0.0.1:8080", "tcp://0.0.0.0:8080"),
+        ("tcp://0.0.0.0:8080", "tcp://127.0.0.1:8080"),
+        ("tcp://[::1]:8080", "tcp://[::]:8080"),
+        ("tcp://localhost:8080", "tcp://LOCALHOST:8080"),
+        ("tcp://localhost:8080", "tcp://localhost.:8080"),
+        ("vsock://any:22", "vsock://3:22"),
+        ("vsock://3:22", "vsock://any:22"),
+        ("unix:///run/a.sock", "unix:///run/./x/../a.sock"),
+        ("hvsock://any/22", f"hvsock://{SSH_SERVICE}/22"),
+        ("hvsock://my-vm/22", "hvsock://MY-VM/22"),
+    ],
+)
+def test_listen_endpoints_compared_by_what_they_bind(a: str, b: str) -> None:
+    text = f'[routes.a]\nlisten = "{a}"\nconnect = "tcp://h:1"\n[routes.b]\nlisten = "{b}"\nconnect = "tcp://h:1"\n'
+    first, second = (str(parse_address(text)) for text in (a, b))
+    first, second = (repr(t) if len(t) <= 60 else f"{t[:57]!r}..." for t in (first, second))  # as messages quote
+    with raises(
+        f"routes.toml:5: routes.b.listen: {second} binds what routes.a.listen ({first}) binds;"
+        " expected each route to listen on its own endpoint"
+    ):
+        check(text)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("tcp://127.0.0.1:0", "tcp://0.0.0.0:0"),  # ephemeral ports never collide
+        ("tcp://127.0.0.1:8080", "tcp://127.0.0.2:8080"),
+        ("tcp://0.0.0.0:8080", "tcp://[::]:8080"),  # IPv6 listeners are bound IPV6_V6ONLY
+        ("tcp://0.0.0.0:8080", "tcp://0.0.0.0:8081"),
+        ("vsock://any:any", "vsock://any:any"),
+        ("vsock://2:22", "vsock://3:22"),
+        ("unix:@a", "unix:///a"),
+        ("hvsock://any/22", "hvsock://any/23"),
+    ],
+)
+def test_listen_endpoints_that_do_not_collide(a: str, b: str) -> None:
+    check(f'[routes.a]\nlisten = "{a}"\nconnect = "tcp://h:1"\n[routes.b]\nlisten = "{b}"\nconnect = "tcp://h:1"\n')
+
+
+def test_listen_conflicts_resolve_host_names() -> None:
+    table = check(
+        '[bridge]\nmetrics = "tcp://127.0.0.1:9477"\n'
+        '[routes.a]\nlisten = "tcp://127.0.0.1:8080"\nconnect = "tcp://h:1"\n'
+        '[routes.b]\nlisten = "tcp://web.example:8080"\nconnect = "tcp://h:1"\n'
+        '[routes.c]\nlisten = "tcp://[::1]:8080"\nconnect = "tcp://h:1"\n'
+        '[routes.d]\nlisten = "tcp://unresolved.example:8080"\nconnect = "tcp://h:1"\n'
+        '[routes.e]\nlisten = "tcp://metrics.example:9477"\nconnect = "tcp://h:1"\n'
+    )
+    names = {"web.example": ["::2", "127.0.0.1"], "metrics.example": ["0.0.0.0"]}
+    problems = listen_conflicts(table, lambda host: names.get(host, []))
+    assert [str(p) for p in problems] == [
+        "routes.toml: routes.b.listen: 'tcp://web.example:8080' binds what routes.a.listen ('tcp://127.0.0.1:8080')"
+        " binds; expected each route to listen on its own endpoint",
+        "routes.toml: bridge.metrics: 'tcp://127.0.0.1:9477' binds what routes.e.listen"
+        " ('tcp://metrics.example:9477') binds; expected an endpoint of its own",
+    ]
 
 
 def test_load_missing_file(tmp_path: Path) -> None:

@@ -257,6 +257,86 @@ async def test_reload_that_cannot_bind_keeps_the_table(nursery: trio.Nursery, ca
         svc.request_stop("test")
 
 
+@pytest.mark.parametrize("spelling", ["tcp://0.0.0.0:{port}", "tcp://localhost:{port}", "tcp://127.0.0.1:{port}"])
+async def test_reload_moves_a_route_to_another_spelling_of_its_port(nursery: trio.Nursery, spelling: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        backend = await echo_backend(nursery)
+        with socket.socket() as probe:  # a port free a moment ago; the route binds it at once
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        loader = Loader()
+        first = "tcp://127.0.0.1:{port}" if spelling != "tcp://127.0.0.1:{port}" else "tcp://0.0.0.0:{port}"
+        svc = await start(nursery, table(route("web", backend, listen=first.format(port=port))), loader)
+        loader.results.append(table(route("web", backend, listen=spelling.format(port=port))))
+        assert await svc.reload()
+        assert svc.table is not None
+        assert str(svc.table.routes[0].listen) == spelling.format(port=port)
+        await assert_serves(TcpAddress("127.0.0.1", port))
+        assert len(svc.pool.opened) == 1
+        svc.request_stop("test")
+
+
+async def test_a_failed_reload_binds_a_released_socket_again(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        backend = await echo_backend(nursery)
+        busy = trio.socket.socket()
+        await busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        loader = Loader()
+        svc = await start(nursery, table(route("web", backend, listen=f"tcp://127.0.0.1:{port}")), loader)
+        loader.results.append(
+            table(
+                route("web", backend, listen=f"tcp://0.0.0.0:{port}"),  # released, then bound
+                route("busy", backend, listen=f"tcp://127.0.0.1:{busy.getsockname()[1]}"),  # fails
+            )
+        )
+        with caplog.at_level(logging.ERROR, "hvbridge"):
+            assert not await svc.reload()
+        assert svc.table is not None
+        assert str(svc.table.routes[0].listen) == f"tcp://127.0.0.1:{port}"
+        await assert_serves(TcpAddress("127.0.0.1", port))  # the running table serves again
+        assert caplog.records[-1].getMessage() == (
+            f"reload failed, keeping the running table: routes.busy.listen: listen tcp://127.0.0.1:"
+            f"{busy.getsockname()[1]}: address already in use; stop the other process or choose another port/path"
+        )
+        busy.close()
+        svc.request_stop("test")
+
+
+async def test_an_address_in_use_at_start_names_the_route(nursery: trio.Nursery) -> None:
+    with trio.fail_after(TIMEOUT):
+        backend = await echo_backend(nursery)
+        with trio.socket.socket() as busy:
+            await busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            listen = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
+            with pytest.raises(EndpointError) as raised:
+                await start(nursery, table(route("web", backend, listen=listen)))
+        assert str(raised.value) == (
+            f"routes.web.listen: listen {listen}: address already in use; stop the other process or choose"
+            " another port/path"
+        )
+
+
+async def test_routes_whose_names_bind_one_address_are_refused_at_start(nursery: trio.Nursery) -> None:
+    with trio.fail_after(TIMEOUT):
+        backend = await echo_backend(nursery)
+        first = table(
+            route("a", backend, listen="tcp://127.0.0.1:8080"), route("b", backend, listen="tcp://localhost:8080")
+        )
+        with pytest.raises(ConfigError) as raised:
+            await start(nursery, first)
+        assert str(raised.value) == (
+            "routes.toml: routes.b.listen: 'tcp://localhost:8080' binds what routes.a.listen ('tcp://127.0.0.1:8080')"
+            " binds; expected each route to listen on its own endpoint"
+        )
+
+
 async def test_reload_of_a_family_this_os_lacks(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
     with trio.fail_after(TIMEOUT):
         backend = await echo_backend(nursery)
