@@ -8,7 +8,9 @@ Rules:
    reuses the socket of every listen address the new table still has, so unchanged routes (and
    changed routes whose `listen` is unchanged) never refuse a connection: the kernel backlog
    holds connections while a changed route's accept loop is swapped. Sockets from systemd
-   socket activation and those a worker inherits are in the pool too.
+   socket activation and those a worker inherits are in the pool too. A listen address the
+   new table spells otherwise (127.0.0.1:P -> 0.0.0.0:P) cannot be bound beside the old
+   socket: that socket is released first, and bound again if the reload fails.
 2. A reload is all-or-nothing: the file is parsed and validated, and every new listen address
    is bound, before any running route is touched. Anything wrong keeps the running table and
    logs every problem. Connections already open are never cut by a reload: they live in the
@@ -183,11 +185,15 @@ class ListenerPool:
             ones named like it, else the one bound to its listen address. They are closed
             only by aclose(), never by a reload.
         open_listeners: Opens the listeners of an address nobody passed in.
+        respell: Let a reload release a socket whose address the new table spells otherwise.
     """
 
     inherited: list[Inherited] = attrs.field(factory=list)
     open_listeners: endpoints.OpenListeners = endpoints.open_listeners
     opened: dict[PoolKey, list[endpoints.Listener]] = attrs.field(factory=dict)
+    #: Release a socket to bind another spelling of its address (see _open). Off with workers:
+    #: they hold copies of the socket, so closing this process's copy would not free the port.
+    respell: bool = True
     #: Set by acquire() when it released a socket to bind another spelling of its address, failed
     #: later and bound the released one again: the routes on it need restarting on the new one.
     reopened: bool = attrs.field(default=False, init=False)
@@ -253,7 +259,8 @@ class ListenerPool:
         """
         binds = ListenBinds(endpoints.listen_hosts if isinstance(route.listen, TcpAddress) else None)
         binds.claim(route.name, route.listen)
-        for key in [k for k in self.opened if k not in wanted and binds.find(k[0]) is not None]:
+        stale = [k for k in self.opened if k not in wanted and binds.find(k[0]) is not None] if self.respell else []
+        for key in stale:
             event(logging.INFO, "releasing a listener for another spelling of its address", listen=str(key[0]))
             released.append(key)
             for listener in self.opened.pop(key):
@@ -871,7 +878,7 @@ def run(
         from hvbridge.workers import open_worker_engine
 
         engine = functools.partial(open_worker_engine, workers, level, fmt)
-    pool = ListenerPool(inherit(listen_fds()))
+    pool = ListenerPool(inherit(listen_fds()), respell=workers <= 1)
     trio.run(
         functools.partial(
             serve,
