@@ -234,9 +234,15 @@ def run(
 @main.command(short_help="Validate the route table and print it resolved.")
 @_config
 @_format
+@_verbose
+@_quiet
+@_log_format
 @_user_errors
-def check(config_path: str, config_format: Format | None) -> None:
+def check(
+    config_path: str, config_format: Format | None, verbose: int, quiet: int, log_format: LogFormat | None
+) -> None:
     """Validate the route table and print it resolved; opens nothing. Exit 0 valid, 1 not."""
+    del verbose, quiet, log_format  # taken so that they may come before any command; check logs nothing
     table = load_config(config_path, config_format)
     # Parsing compared listen endpoints as text; here host names are resolved, as run does.
     conflicts = listen_conflicts(table, endpoints.listen_hosts)
@@ -521,13 +527,19 @@ def _serve(
 @main.command(short_help="Ask a running daemon whether every route listens.")
 @_config
 @_format
+@_verbose
+@_quiet
+@_log_format
 @_user_errors
-def probe(config_path: str, config_format: Format | None) -> None:
+def probe(
+    config_path: str, config_format: Format | None, verbose: int, quiet: int, log_format: LogFormat | None
+) -> None:
     """Ask a running daemon's metrics endpoint whether every route listens; exit 0 if so, else 1.
 
     For container HEALTHCHECKs and monitoring: it needs `[bridge] metrics` in the table.
     """
     table = load_config(config_path, config_format)
+    setup_logging(_log_level(verbose, quiet, "warning"), log_format or "text")
     if table.bridge.metrics is None:
         raise UserError(f"{table.source}: bridge.metrics is not set; `probe` asks the metrics endpoint")
     if str(table.bridge.metrics).endswith(":0"):

@@ -83,6 +83,8 @@ def test_log_options_before_or_after_the_command(runner: CliRunner, args: list[s
         ["-q", "run", "-c", "{missing}"],
         ["run", "-c", "{missing}", "-v"],
         ["-c", "{missing}", "check"],
+        ["-v", "check", "-c", "{missing}"],
+        ["--log-format", "json", "-q", "probe", "-c", "{missing}"],
         ["-v", "-c", "{missing}", "run", "--watch"],
         ["--config={missing}", "probe"],
     ],
