@@ -23,6 +23,7 @@ from hvbridge import __version__, endpoints, metrics, service
 from hvbridge.addresses import Address, StdioAddress, VsockAddress, parse_address
 from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import (
+    COMMAND_LINE,
     Format,
     RouteOptions,
     RouteTable,
@@ -326,7 +327,7 @@ def forward(
 def _command_line_route(route: dict[str, object]) -> RouteTable:
     """A table of one route built from a command's arguments; its problems name the arguments."""
     try:
-        return table_from_mapping({"routes": {"forward": route}}, source="<command line>")
+        return table_from_mapping({"routes": {"forward": route}}, source=COMMAND_LINE)
     except ConfigError as exc:
         names = {"listen": "LISTEN", "connect": "CONNECT"}
         lines = []

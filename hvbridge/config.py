@@ -155,6 +155,8 @@ ROUTE_KEYS: Final = frozenset({"listen", "connect"} | {f.name for f in attrs.fie
 _T = TypeVar("_T")
 _Path = tuple[str, ...]
 
+#: The source of a table built from a command's arguments (`forward`): it has no route names of its own.
+COMMAND_LINE: Final = "<command line>"
 #: Larger files are refused before parsing (SPEC 3: a route table is a small hand-written file).
 MAX_FILE_BYTES: Final = 1024 * 1024
 # A route table nests 4 levels (routes.NAME.allow[i]); these bound what ruamel.yaml composes.

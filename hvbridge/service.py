@@ -43,7 +43,7 @@ import trio
 
 from hvbridge import endpoints
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, TcpAddress, UnixAddress, VsockAddress
-from hvbridge.config import ListenBinds, Route, RouteOptions, RouteTable, listen_conflicts
+from hvbridge.config import COMMAND_LINE, ListenBinds, Route, RouteOptions, RouteTable, listen_conflicts
 from hvbridge.errors import ConfigError, EndpointError, HvbridgeError, Problem
 from hvbridge.logs import event, setup_logging
 from hvbridge.metrics import Exposition, Snapshot, open_metrics_listeners, serve_metrics
@@ -228,7 +228,8 @@ class ListenerPool:
                     self._refresh_unix_file(route, key)
                     result[route.name] = self.opened[key]
                 else:
-                    listeners = await self._open(route, {pool_key(r) for r in table.routes}, released)
+                    wanted = {pool_key(r) for r in table.routes}
+                    listeners = await self._open(route, wanted, released, named=table.source != COMMAND_LINE)
                     new[key] = result[route.name] = listeners
                     self._unix_options[key] = _unix_file_options(route)
                     self._options[key] = route.options
@@ -250,8 +251,10 @@ class ListenerPool:
             self._options.pop(key, None)
         return result
 
-    async def _open(self, route: Route, wanted: set[PoolKey], released: list[PoolKey]) -> list[endpoints.Listener]:
-        """Open a route's listeners; the error names the route.
+    async def _open(
+        self, route: Route, wanted: set[PoolKey], released: list[PoolKey], *, named: bool
+    ) -> list[endpoints.Listener]:
+        """Open a route's listeners; the error names the route (`named`: a table with route names).
 
         A socket of the running table that binds what this route binds, under another spelling
         (127.0.0.1:P -> 0.0.0.0:P or localhost:P), and that the new table no longer wants, is
@@ -268,7 +271,9 @@ class ListenerPool:
         try:
             return await self.open_listeners(route.listen, route.options)
         except EndpointError as exc:
-            raise EndpointError(exc.address, f"routes.{route.name}.listen: {exc.op}", exc.message) from exc
+            if not named:
+                raise
+            raise type(exc)(exc.address, f"routes.{route.name}.listen: {exc.op}", exc.message) from exc
 
     def _refresh_unix_file(self, route: Route, key: PoolKey) -> None:
         """A kept Unix socket file gets the route's new mode/owner/group (the file stays)."""
