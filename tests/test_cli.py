@@ -5,13 +5,16 @@ Driven in-process with click's CliRunner; nothing here opens a socket.
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING
 
 import pytest
+import trio
+import trio.testing
 from click.testing import CliRunner
 
 from hvbridge import __version__
-from hvbridge.cli import main
+from hvbridge.cli import _interrupted, _StdioSides, main
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -286,3 +289,71 @@ def test_check_reports_listen_endpoints_that_bind_one_address(
         " expected each route to listen on its own endpoint"
     ), line
     assert result.stdout == ""
+
+
+async def test_stdio_sides_say_which_side_failed() -> None:
+    # stdin/stdout as memory streams: stdout's reader gone, then stdin failing.
+    stdout_send, stdout_receive = trio.testing.memory_stream_pair()
+    stdin_send, stdin_receive = trio.testing.memory_stream_pair()
+    sides = _StdioSides(trio.StapledStream(stdout_send, stdin_receive))
+    await sides.wait_send_all_might_not_block()
+    await stdin_send.send_all(b"in")
+    assert await sides.receive_some(10) == b"in"
+    await stdout_receive.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        await sides.send_all(b"out")
+    await stdin_send.aclose()
+    await stdin_receive.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await sides.receive_some(10)
+    assert sides.failed == "stdout closed"  # the first failure is the one reported
+    await sides.aclose()
+
+
+class _FailingStdio(trio.abc.HalfCloseableStream):
+    """stdin/stdout whose every write and EOF fails with `error`."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise self.error
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        raise self.error
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        raise self.error
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize(
+    ("error", "method", "said"),
+    [
+        (OSError(errno.EPIPE, "Broken pipe"), "send_eof", "stdout closed"),
+        (OSError(errno.EIO, "Input/output error"), "send_all", "stdout failed (Input/output error)"),
+        (OSError(errno.EIO, "Input/output error"), "receive_some", "stdin failed (Input/output error)"),
+    ],
+)
+async def test_stdio_sides_tell_closed_from_failed(error: OSError, method: str, said: str) -> None:
+    sides = _StdioSides(_FailingStdio(error))
+    with pytest.raises(OSError, match=error.strerror):
+        if method == "send_eof":
+            await sides.send_eof()
+        elif method == "send_all":
+            await sides.send_all(b"x")
+        else:
+            await sides.receive_some()
+    assert sides.failed == said
+
+
+def test_interrupted_finds_keyboard_interrupt_in_groups() -> None:
+    assert _interrupted(KeyboardInterrupt())
+    assert _interrupted(BaseExceptionGroup("", [ValueError(), BaseExceptionGroup("", [KeyboardInterrupt()])]))
+    assert not _interrupted(BaseExceptionGroup("", [ValueError()]))
+    assert not _interrupted(ValueError())
