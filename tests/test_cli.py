@@ -17,6 +17,7 @@ from hvbridge import __version__
 from hvbridge.cli import _interrupted, _StdioSides, main
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
 
@@ -342,13 +343,13 @@ class _FailingStdio(trio.abc.HalfCloseableStream):
 )
 async def test_stdio_sides_tell_closed_from_failed(error: OSError, method: str, said: str) -> None:
     sides = _StdioSides(_FailingStdio(error))
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "send_eof": sides.send_eof,
+        "send_all": lambda: sides.send_all(b"x"),
+        "receive_some": sides.receive_some,
+    }
     with pytest.raises(OSError, match=error.strerror):
-        if method == "send_eof":
-            await sides.send_eof()
-        elif method == "send_all":
-            await sides.send_all(b"x")
-        else:
-            await sides.receive_some()
+        await calls[method]()
     assert sides.failed == said
 
 
