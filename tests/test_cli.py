@@ -14,7 +14,10 @@ import trio.testing
 from click.testing import CliRunner
 
 from hvbridge import __version__
-from hvbridge.cli import _interrupted, _StdioSides, main
+from hvbridge.addresses import TcpAddress
+from hvbridge.cli import _connect_stdio, _interrupted, _open_target, _StdioSides, main
+from hvbridge.config import RouteOptions
+from hvbridge.errors import EndpointError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -358,3 +361,53 @@ def test_interrupted_finds_keyboard_interrupt_in_groups() -> None:
     assert _interrupted(BaseExceptionGroup("", [ValueError(), BaseExceptionGroup("", [KeyboardInterrupt()])]))
     assert not _interrupted(BaseExceptionGroup("", [ValueError()]))
     assert not _interrupted(ValueError())
+
+
+def _fake_stdio_and_backend(
+    monkeypatch: pytest.MonkeyPatch, backend: trio.abc.HalfCloseableStream
+) -> trio.abc.HalfCloseableStream:
+    """`connect`'s stdin/stdout as a memory stream, `backend` as what it connects to; returns the terminal's end."""
+    stdio, terminal = trio.testing.memory_stream_pair()
+    monkeypatch.setattr("hvbridge.endpoints.open_stdio_stream", lambda: stdio)
+
+    async def connect(address: object, options: object) -> trio.abc.HalfCloseableStream:
+        return backend
+
+    monkeypatch.setattr("hvbridge.endpoints.connect", connect)
+    return terminal
+
+
+async def test_connect_says_the_backend_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def reset() -> None:
+        raise trio.BrokenResourceError  # as trio's own streams say "reset"
+
+    backend = trio.StapledStream(trio.testing.MemorySendStream(), trio.testing.MemoryReceiveStream(reset))
+    _fake_stdio_and_backend(monkeypatch, backend)
+    failure = await _connect_stdio(TcpAddress("127.0.0.1", 22), RouteOptions())
+    assert failure == "the backend tcp://127.0.0.1:22 reset the connection"
+
+
+async def test_connect_ends_cleanly_when_both_ways_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend, peer = trio.testing.memory_stream_pair()
+    terminal = _fake_stdio_and_backend(monkeypatch, backend)
+    await terminal.send_eof()  # stdin at EOF: passed on as EOF, and the other way goes on
+    async with trio.open_nursery() as nursery:
+
+        async def serve() -> None:
+            assert await peer.receive_some() == b""
+            await peer.send_all(b"reply")
+            await peer.send_eof()
+
+        nursery.start_soon(serve)
+        assert await _connect_stdio(TcpAddress("127.0.0.1", 22), RouteOptions()) is None
+    assert await terminal.receive_some() == b"reply"
+
+
+async def test_connect_timeout_names_the_option(monkeypatch: pytest.MonkeyPatch, autojump_clock: object) -> None:
+    async def never(address: object, options: object) -> trio.abc.HalfCloseableStream:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr("hvbridge.endpoints.connect", never)
+    with pytest.raises(EndpointError) as raised:
+        await _open_target(TcpAddress("127.0.0.1", 22), RouteOptions(connect_timeout=2.0))
+    assert str(raised.value) == "connect tcp://127.0.0.1:22: timed out after 2s (--connect-timeout)"
