@@ -73,6 +73,7 @@ if TYPE_CHECKING:
 Format = Literal["toml", "yaml"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+ProxyProtocol = Literal["none", "v1", "v2"]
 
 
 @attrs.frozen
@@ -118,6 +119,10 @@ class RouteOptions:
     group: str | None = None
     vsock_buffer_size: int | None = None
     connected_suspend: bool = False
+    #: Send the backend a PROXY protocol header first: "v1", "v2", or "none".
+    proxy_protocol: ProxyProtocol = "none"
+    #: Read a PROXY protocol header from each client first (behind a load balancer).
+    accept_proxy: bool = False
 
 
 @attrs.frozen
@@ -898,6 +903,8 @@ def _route_options(values: Mapping[str, object]) -> RouteOptions:
         group=_pick(values, "group", default.group),
         vsock_buffer_size=_pick(values, "vsock_buffer_size", default.vsock_buffer_size),
         connected_suspend=_pick(values, "connected_suspend", default.connected_suspend),
+        proxy_protocol=_pick(values, "proxy_protocol", default.proxy_protocol),
+        accept_proxy=_pick(values, "accept_proxy", default.accept_proxy),
     )
 
 
@@ -995,6 +1002,10 @@ def _route_items(route: Route) -> Iterator[tuple[str, str]]:
     if options.vsock_buffer_size is not None:
         yield "vsock_buffer_size", _toml_size(options.vsock_buffer_size)
     yield "connected_suspend", _toml_bool(options.connected_suspend)
+    if options.proxy_protocol != default.proxy_protocol:
+        yield "proxy_protocol", _toml_string(options.proxy_protocol)
+    if options.accept_proxy:
+        yield "accept_proxy", "true"
 
 
 def _toml_bool(value: bool) -> str:
@@ -1168,6 +1179,8 @@ _OPTION_PARSERS: Final[dict[str, Callable[[object], object]]] = {
     "group": _id_parser("group"),
     "vsock_buffer_size": _size_parser(_KIB, _GIB, "256KiB"),
     "connected_suspend": _parse_bool,
+    "proxy_protocol": _choice_parser(get_args(ProxyProtocol)),
+    "accept_proxy": _parse_bool,
 }
 
 _BRIDGE_PARSERS: Final[dict[str, Callable[[object], object]]] = {

@@ -60,8 +60,8 @@ OK: Final = 'listen = "tcp://127.0.0.1:2222"\nconnect = "tcp://127.0.0.1:22"\n'
 DURATION_FORMS: Final = "seconds, or a number with a unit ms, s, m or h"
 ENDPOINT: Final = "an endpoint such as 'tcp://127.0.0.1:8080'"
 OPTION_KEYS: Final = (
-    "allow, buffer_size, connect, connect_retries, connect_timeout, connected_suspend, group,"
-    " half_close, idle_timeout, listen, max_connections, mode, owner, vsock_buffer_size"
+    "accept_proxy, allow, buffer_size, connect, connect_retries, connect_timeout, connected_suspend, group,"
+    " half_close, idle_timeout, listen, max_connections, mode, owner, proxy_protocol, vsock_buffer_size"
 )
 NO_ROUTES: Final = "no routes; expected at least one [routes.NAME] table"
 
