@@ -189,6 +189,14 @@ def check(config_path: str) -> None:
 )
 @click.option("--allow", multiple=True, help="Peer allowed to connect (CIDR, cid:N, vm:GUID); repeatable.")
 @click.option("--mode", default="0600", show_default=True, help="File mode of a Unix listener.")
+@click.option(
+    "--proxy-protocol",
+    type=click.Choice(["none", "v1", "v2"]),
+    default="none",
+    show_default=True,
+    help="Send the backend a PROXY protocol header describing the client.",
+)
+@click.option("--accept-proxy", is_flag=True, help="Read a PROXY protocol header from each client first.")
 @_workers
 @_verbose
 @_quiet
@@ -204,6 +212,8 @@ def forward(
     half_close: bool,
     allow: tuple[str, ...],
     mode: str,
+    proxy_protocol: str,
+    accept_proxy: bool,
     workers: int,
     verbose: int,
     quiet: int,
@@ -218,6 +228,8 @@ def forward(
         "idle_timeout": idle_timeout,
         "max_connections": max_connections,
         "half_close": half_close,
+        "proxy_protocol": proxy_protocol,
+        "accept_proxy": accept_proxy,
     }
     if allow:
         route["allow"] = list(allow)
