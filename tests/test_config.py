@@ -1386,3 +1386,29 @@ def test_address_text_is_canonical_in_format_table() -> None:
         format_table(table)
     )
     assert parse_address("tcp://[::1]:80") == table.routes[0].listen
+
+
+def test_proxy_protocol_options_inherit_override_and_round_trip() -> None:
+    table = check(
+        '[defaults]\nproxy_protocol = "v2"\n'
+        f"[routes.a]\n{OK}accept_proxy = true\n"
+        '[routes.b]\nlisten = "tcp://127.0.0.1:1"\nconnect = "tcp://h:1"\nproxy_protocol = "none"\n'
+    )
+    a, b = table.routes
+    assert (a.options.proxy_protocol, a.options.accept_proxy) == ("v2", True)
+    assert (b.options.proxy_protocol, b.options.accept_proxy) == ("none", False)
+    text = format_table(table)
+    assert 'proxy_protocol = "v2"\naccept_proxy = true\n' in text
+    assert check(text) == table
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('proxy_protocol = "v3"', "routes.toml:4: routes.ssh.proxy_protocol: got 'v3'; expected one of: none, v1, v2"),
+        ('accept_proxy = "yes"', "routes.toml:4: routes.ssh.accept_proxy: got 'yes'; expected true or false"),
+    ],
+)
+def test_proxy_protocol_option_problems(line: str, message: str) -> None:
+    with raises(message):
+        check(f"[routes.ssh]\n{OK}{line}\n")

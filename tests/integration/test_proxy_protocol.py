@@ -55,12 +55,16 @@ async def _wait_accepting(server: Daemon, path: Path) -> bool:
     raise AssertionError(f"{server.argv[0]} did not accept on {path} within {START_TIMEOUT:g}s")
 
 
+def _write(config: Path, text: str, stale: Path) -> None:
+    config.write_text(text)
+    stale.unlink(missing_ok=True)
+
+
 async def _start(processes: Processes, argv: list[str], config: Path, text: str, ready: Path) -> int:
     """Write `text` (with {port}) to `config`, start `argv`; retry on a port clash. The port."""
     for _ in range(ATTEMPTS):
         port = free_port()
-        config.write_text(text.replace("{port}", str(port)))
-        ready.unlink(missing_ok=True)
+        _write(config, text.replace("{port}", str(port)), ready)
         server = await processes.daemon(argv)
         with trio.fail_after(START_TIMEOUT):
             if await _wait_accepting(server, ready):
