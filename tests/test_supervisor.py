@@ -1031,7 +1031,9 @@ async def test_a_backend_that_fails_the_header_send_closes_the_client(
             await trio.testing.wait_all_tasks_blocked()
             assert supervisor.statistics()["r"].failed == 1
             nursery.cancel_scope.cancel()
-    assert closed_lines(caplog)[0]["reason"].startswith("connect failed: cannot send the first bytes to the backend")
+    assert str(closed_lines(caplog)[0]["reason"]).startswith(
+        "connect failed: cannot send the first bytes to the backend"
+    )
 
 
 async def _listeners(listener: FakeListener) -> list[endpoints.Listener]:
