@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar
 import click
 import trio
 
-from hvbridge import __version__, endpoints, metrics, service
+from hvbridge import __version__, endpoints, metrics, service, sshconfig
 from hvbridge.addresses import VsockAddress
 from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import RouteTable, format_table, load_config, table_from_mapping
@@ -120,6 +120,7 @@ def main() -> None:
     hvbridge check -c routes.toml      validate and print the resolved table
     hvbridge forward LISTEN CONNECT    one ad-hoc route, no file
     hvbridge connect ENDPOINT          stdin/stdout <-> ENDPOINT (ssh ProxyCommand)
+    hvbridge ssh-config                ssh_config block for `ssh vsock/3`, `ssh unix/PATH`
     """
 
 
@@ -241,6 +242,12 @@ def forward(
 
 @main.command(name="connect")
 @click.argument("endpoint")
+@click.argument("port", required=False)
+@click.option(
+    "--fdpass",
+    is_flag=True,
+    help="Hand the connected socket to ssh over stdout and exit (ProxyUseFdpass; Linux, else relays).",
+)
 @click.option("--connect-timeout", default="5s", show_default=True, help="Give up connecting after this long.")
 @click.option("--connect-retries", default=0, show_default=True, help="Extra connect attempts, with backoff.")
 @_verbose
@@ -249,13 +256,19 @@ def forward(
 @_user_errors
 def connect_command(
     endpoint: str,
+    port: str | None,
+    fdpass: bool,
     connect_timeout: str,
     connect_retries: int,
     verbose: int,
     quiet: int,
     log_format: LogFormat | None,
 ) -> None:
-    """Relay stdin/stdout to ENDPOINT until both ways are done (e.g. as ssh ProxyCommand)."""
+    """Relay stdin/stdout to ENDPOINT until both ways are done (e.g. as ssh ProxyCommand).
+
+    ENDPOINT PORT is also ssh's `%h %p`: vsock/CID, vsock-mux/PATH, hvsock/VM or unix/PATH.
+    """
+    endpoint = sshconfig.endpoint_for(endpoint, port)
     table = table_from_mapping(
         {
             "routes": {
@@ -277,6 +290,13 @@ def connect_command(
         async with trio.open_nursery() as nursery:
             supervisor = Supervisor(nursery)
             backend = await supervisor.open_backend(route)
+            channel = sshconfig.stdout_socket() if fdpass and sshconfig.fdpass_supported() else None
+            sock = getattr(backend, "socket", None)
+            if channel is not None and sock is not None:
+                with channel:
+                    sshconfig.pass_fd(channel, sock.fileno())
+                await trio.aclose_forcefully(backend)  # ssh holds its own copy now
+                return
             result = await relay(endpoints.open_stdio_stream(), backend, half_close=True)
             event(
                 logging.DEBUG,
@@ -288,6 +308,18 @@ def connect_command(
             )
 
     trio.run(_connect)
+
+
+@main.command(name="ssh-config")
+@click.option(
+    "--fdpass/--no-fdpass",
+    default=None,
+    help="ProxyUseFdpass: no hvbridge process stays per session (default: on Linux).",
+)
+def ssh_config(fdpass: bool | None) -> None:
+    """Print an ssh_config block so that `ssh vsock/3`, `ssh unix/PATH`, ... just work."""
+    use_fdpass = sshconfig.fdpass_supported() if fdpass is None else fdpass
+    click.echo(sshconfig.render(sshconfig.hvbridge_command(), fdpass=use_fdpass), nl=False)
 
 
 def _serve(
