@@ -95,3 +95,25 @@ def test_stdout_socket_is_none_for_a_pipe() -> None:
     tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     with tcp:
         assert sshconfig.stdout_socket(tcp.fileno()) is None
+
+
+def test_connect_refuses_a_port_after_a_plain_endpoint() -> None:
+    from click.testing import CliRunner
+
+    from hvbridge.cli import main
+
+    result = CliRunner().invoke(main, ["connect", "tcp://127.0.0.1:1", "22"])
+    assert result.exit_code == 1
+    assert "Error: a PORT goes only with ssh's host forms" in result.output
+
+
+@pytest.mark.parametrize(("flag", "fdpass"), [("--fdpass", True), ("--no-fdpass", False)])
+def test_ssh_config_command(flag: str, fdpass: bool) -> None:
+    from click.testing import CliRunner
+
+    from hvbridge.cli import main
+
+    result = CliRunner().invoke(main, ["ssh-config", flag])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("# hvbridge: ssh vsock/CID")
+    assert ("ProxyUseFdpass yes" in result.output) == fdpass
