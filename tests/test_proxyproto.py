@@ -7,9 +7,10 @@ import socket
 import string
 import struct
 import uuid
+from typing import Final
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hvbridge import proxyproto
@@ -189,6 +190,9 @@ def test_read_size_is_exact_once_the_v2_length_is_known() -> None:
 
 # -- property tests ------------------------------------------------------------------------
 
+# No deadline: the suite shares its CPU with coverage and other test runs.
+PROPERTY: Final = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
 _ports = st.integers(0, 65535)
 _tlvs = st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=4).map(tuple)
 _paths = st.text(string.ascii_letters + "/._-", max_size=100)
@@ -217,12 +221,14 @@ _headers = st.one_of(
 )
 
 
+@PROPERTY
 @given(_headers, st.binary(max_size=64))
 def test_every_v2_header_parses_back(header: ProxyHeader, rest: bytes) -> None:
     data = build(header, "v2")
     assert parse(data + rest) == (header, len(data))
 
 
+@PROPERTY
 @given(_headers, st.binary(max_size=64))
 def test_every_v1_header_parses_back(header: ProxyHeader, rest: bytes) -> None:
     data = build(header, "v1")
@@ -255,6 +261,7 @@ def _read_like_the_supervisor(stream: bytes, chunk: int) -> tuple[ProxyHeader, i
             return found
 
 
+@PROPERTY
 @given(st.binary(max_size=3000), st.integers(1, 200))
 def test_no_input_crashes_the_parser_or_reads_past_the_bound(stream: bytes, chunk: int) -> None:
     try:
@@ -265,6 +272,7 @@ def test_no_input_crashes_the_parser_or_reads_past_the_bound(stream: bytes, chun
         assert found[1] <= proxyproto.MAX_HEADER
 
 
+@PROPERTY
 @given(_headers, st.sampled_from(["v1", "v2"]), st.binary(max_size=200), st.integers(1, 50))
 def test_reading_in_pieces_finds_the_header(header: ProxyHeader, version: str, rest: bytes, chunk: int) -> None:
     data = build(header, "v1" if version == "v1" else "v2")
@@ -273,7 +281,36 @@ def test_reading_in_pieces_finds_the_header(header: ProxyHeader, version: str, r
     assert found[1] == len(data)
 
 
+@PROPERTY
 @given(st.sampled_from([SIG, b"PROXY TCP4 "]), st.binary(max_size=2200))
 def test_prefixed_garbage_never_crashes(prefix: bytes, tail: bytes) -> None:
     with contextlib.suppress(ProxyProtocolError):
         _read_like_the_supervisor(prefix + tail, 64)
+
+
+def test_peer_gives_a_getpeername_style_address() -> None:
+    assert TCP4.peer() == (socket.AF_INET, ("192.168.0.1", 56324))
+    assert TCP6.peer() == (socket.AF_INET6, ("2001:db8::1", 1, 0, 0))
+    assert ProxyHeader("UNIX", "/c", 0, "/l", 0).peer() == (socket.AF_UNIX, "/c")
+    assert ProxyHeader().peer() is None
+
+
+def test_build_refuses_what_does_not_fit() -> None:
+    with pytest.raises(ValueError, match="at most 108 bytes"):
+        build(ProxyHeader("UNIX", "/" * 109, 0, "/l", 0), "v2")
+    with pytest.raises(ValueError, match="at most 65535 bytes"):
+        build(ProxyHeader(tlvs=((0xE0, bytes(0xFFFF)),)), "v2")
+
+
+def test_a_local_command_ignores_an_unknown_family() -> None:
+    assert parse(SIG + b"\x20\x12\x00\x00") == (ProxyHeader(local=True), 16)
+
+
+def test_a_lone_cr_inside_a_v1_line_is_refused() -> None:
+    with pytest.raises(ProxyProtocolError, match="CRLF"):
+        parse(b"PROXY TCP4\r1.2.3.4 5.6.7.8 1 2\r\n")
+
+
+def test_describe_drops_a_unix_path_too_long_for_the_header() -> None:
+    header = describe((socket.AF_UNIX, "/" * 200), (socket.AF_UNIX, "/l"), "u")
+    assert (header.source, header.destination) == ("", "/l")

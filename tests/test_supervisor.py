@@ -1039,3 +1039,22 @@ async def test_a_backend_that_fails_the_header_send_closes_the_client(
 async def _listeners(listener: FakeListener) -> list[endpoints.Listener]:
     await trio.lowlevel.checkpoint()
     return [listener]
+
+
+async def test_accept_proxy_when_the_client_goes_mid_header(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = FakeListener()
+    backends = FakeBackends()
+    route = make_route(options=RouteOptions(accept_proxy=True))
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, (route, [listener]), backends=backends)
+            client = listener.dial()
+            await client.send_all(b"PROXY ")
+            await trio.testing.wait_all_tasks_blocked()
+            await client.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert backends.attempts == []
+    assert str(closed_lines(caplog)[0]["reason"]).startswith("refused: bad PROXY header: ")
