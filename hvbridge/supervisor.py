@@ -13,6 +13,10 @@ Resource handling: connection tasks run in a nursery that outlives the accept lo
 stopping a route stops accepting without cutting its open connections. Each route admits at
 most `max_connections` at once: at the limit its accept loop waits and the kernel backlog
 holds the rest. The relay closes both streams of every connection it was given.
+
+PROXY protocol (proxyproto.py, proxyio.py): with `accept_proxy` a connection must start with a
+header, read before the allow check, whose source then stands for the peer; with
+`proxy_protocol` the backend gets a header right after the connect, before the relay starts.
 """
 
 from __future__ import annotations
