@@ -154,7 +154,8 @@ ROUTE_KEYS: Final = frozenset({"listen", "connect"} | {f.name for f in attrs.fie
 _T = TypeVar("_T")
 _Path = tuple[str, ...]
 
-#: Larger files are refused before parsing (docs/reference.md, "Route table": a route table is a small hand-written file).
+#: Larger files are refused before parsing (docs/reference.md, "Route table": a route table is a
+#: small hand-written file).
 MAX_FILE_BYTES: Final = 1024 * 1024
 # A route table nests 4 levels (routes.NAME.allow[i]); these bound what ruamel.yaml composes.
 _MAX_YAML_DEPTH: Final = 32

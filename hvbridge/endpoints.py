@@ -5,10 +5,10 @@ modules (vsock.py, hvsock.py). It turns OSError into EndpointError with a messag
 what to do, keeping the cause. Everything here returns trio streams and listeners; the relay
 never learns which family it pumps.
 
-Unix listener files (docs/reference.md, "Who may connect"): created with the route's mode (default 0600) and owner/group;
-an existing *socket* file is replaced only when nothing accepts on it (stale); any other kind
-of file, or a symlink, is an error and is never deleted or followed. The file is removed when
-the listener closes, if it is still ours.
+Unix listener files (docs/reference.md, "Who may connect"): created with the route's mode
+(default 0600) and owner/group; an existing *socket* file is replaced only when nothing accepts
+on it (stale); any other kind of file, or a symlink, is an error and is never deleted or
+followed. The file is removed when the listener closes, if it is still ours.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The relay: shovel bytes both ways between two trio streams until both directions are done.
 
-This module owns the data path and its rules (docs/reference.md, "Relay semantics"). It knows nothing of address families:
-it takes any two `trio.abc.HalfCloseableStream`s, so tests drive it over memory streams.
+This module owns the data path and its rules (docs/reference.md, "Relay semantics"). It knows
+nothing of address families: it takes any two `trio.abc.HalfCloseableStream`s, so tests drive it
+over memory streams.
 
 Rules:
 1. One task per direction (spliced sockets: rule 6). EOF from one side is passed on as
@@ -192,9 +193,9 @@ class _Relay:
                     idle_timeout=self.idle_timeout,
                     counts=self.transfer,
                 )
-                # Parked right here, not in a helper coroutine: a frame less per idle
-                # connection, memory that every idle connection holds. The reactor wakes this task when the relay ends, and
-                # only then: a cancellation asks it to end the relay and waits for that.
+                # Parked right here, not in a helper coroutine: a frame less of memory per idle
+                # connection. The reactor wakes this task when the relay ends, and only then: a
+                # cancellation asks it to end the relay and waits for that.
                 await trio.lowlevel.wait_task_rescheduled(conn.park())
                 self.transfer.reason = conn.result()
                 if conn.aborted:

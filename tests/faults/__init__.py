@@ -1,1 +1,4 @@
-"""Fault injection: the real `hvbridge` process against misbehaving peers (docs/reference.md, "Who may connect" and "Relay semantics")."""
+"""Fault injection: the real `hvbridge` process against misbehaving peers.
+
+What they hold hvbridge to: docs/reference.md, "Who may connect" and "Relay semantics".
+"""
