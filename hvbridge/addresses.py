@@ -1,6 +1,6 @@
 """Endpoint addresses: one frozen value type per family, parse_address() and their text form.
 
-This module owns the text form of every endpoint (SPEC 3.1). It is pure: it never imports trio
+This module owns the text form of every endpoint (docs/reference.md, "Endpoints"). It is pure: it never imports trio
 and never creates sockets. Rule: for every address `a`, `parse_address(str(a)) == a`, and
 `str(a)` is what logs print. Any invalid text raises AddressError whose message says what is
 wrong and what is expected; nothing else escapes parse_address().
@@ -136,7 +136,7 @@ Address = TcpAddress | UnixAddress | VsockAddress | HyperVAddress | VsockMuxAddr
 
 
 def parse_address(text: str, *, role: Role | None = None) -> Address:
-    """Parse an endpoint's text form (SPEC 3.1).
+    """Parse an endpoint's text form (docs/reference.md, "Endpoints").
 
     Args:
         text: e.g. `tcp://127.0.0.1:2222`, `unix:///run/x.sock`, `vsock://3:5000`.

@@ -1,4 +1,4 @@
-"""The `hvbridge` command line (SPEC 2): run, check, forward, connect, hyperv.
+"""The `hvbridge` command line (docs/reference.md, "Command line"): run, check, forward, connect, hyperv.
 
 This module owns argument parsing and exit codes; service.py runs the daemon (signals, reload,
 shutdown, workers). Exit status:

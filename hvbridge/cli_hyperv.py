@@ -1,4 +1,4 @@
-"""The `hvbridge hyperv` command group (SPEC 2): GUID <-> port, the service registry, VM ids.
+"""The `hvbridge hyperv` command group (docs/reference.md, "Command line"): GUID <-> port, the service registry, VM ids.
 
 This module owns the `hyperv` subcommands and what they print. The logic lives in hyperv.py;
 here are only arguments, output and errors. The registry and the VM lookup come from a

@@ -1,4 +1,4 @@
-"""Route tables: the TOML/YAML text of SPEC 3 in, a frozen RouteTable or a ConfigError out.
+"""Route tables: the TOML/YAML text of docs/reference.md, "Route table" in, a frozen RouteTable or a ConfigError out.
 
 This module owns the route table's schema, its defaults and every message about a bad file.
 It is pure: it never imports trio and never creates sockets. parse_config() reports every
@@ -6,7 +6,7 @@ problem in one pass, each as `FILE:LINE: routes.NAME.KEY: what is wrong; what is
 
 Rules kept here:
 - Any text given to parse_config() gives a RouteTable or a ConfigError, never another
-  exception, and in bounded time and memory (issue 6): files over 1 MiB are refused; YAML
+  exception, and in bounded time and memory, whoever wrote the file: files over 1 MiB are refused; YAML
   aliases (billion laughs) and explicit YAML tags other than !!str/!!seq/!!map are refused,
   and YAML depth and node count are bounded while ruamel.yaml composes; TOML dotted keys of
   many parts (quadratic in tomllib) are refused before parsing, and TOML nested too deep for
@@ -17,7 +17,7 @@ Rules kept here:
   dropped, since dropping a filter would let peers in.
 - Parsed data is `object` and narrowed with isinstance by one small parser per key. cattrs is
   not used: its structuring errors name Python types and carry no line numbers, and every
-  message SPEC 3.3 asks for ("did you mean", host bits set, reported once at defaults.KEY)
+  message docs/reference.md, "Validation" promises ("did you mean", host bits set, reported once at defaults.KEY)
   would need a hand-written hook per key anyway.
 - Line numbers: YAML from ruamel.yaml's node marks; tomllib has no positions, so a light scan
   of the text finds each `[table]` header and `KEY =` line (best effort; a problem whose key
@@ -159,7 +159,8 @@ ROUTE_KEYS: Final = frozenset({"listen", "connect"} | {f.name for f in attrs.fie
 _T = TypeVar("_T")
 _Path = tuple[str, ...]
 
-#: Larger files are refused before parsing (SPEC 3: a route table is a small hand-written file).
+#: Larger files are refused before parsing (docs/reference.md, "Route table": a route table is a
+#: small hand-written file).
 MAX_FILE_BYTES: Final = 1024 * 1024
 # A route table nests 4 levels (routes.NAME.allow[i]); these bound what ruamel.yaml composes.
 _MAX_YAML_DEPTH: Final = 32
@@ -247,7 +248,7 @@ def load_config(path: str | os.PathLike[str]) -> RouteTable:
 
 
 def parse_config(text: str, *, fmt: Format, source: str) -> RouteTable:
-    """Validate the text of a route table (SPEC 3) and resolve its defaults.
+    """Validate the text of a route table (docs/reference.md, "Route table") and resolve its defaults.
 
     Args:
         text: The whole file.
@@ -827,7 +828,7 @@ def _check_applies(
     path: _Path,
     report: _Report,
 ) -> None:
-    """Cross-check the options against the route's endpoints (SPEC 3.2)."""
+    """Cross-check the options against the route's endpoints (docs/reference.md, "Who may connect")."""
     unix_listener = isinstance(listen, UnixAddress | VsockMuxAddress)
     for key in ("mode", "owner", "group"):
         if key in options and not unix_listener:
@@ -849,7 +850,7 @@ def _check_applies(
         report.add((*path, "allow"), message)
 
 
-# What an allow list may hold, per listener family that can tell its peers apart (SPEC 3.2).
+# What an allow list may hold, per listener family that can tell its peers apart (docs/reference.md, "Who may connect").
 _ALLOW_FITS: Final[dict[type, tuple[tuple[type, ...], str]]] = {
     TcpAddress: ((ipaddress.IPv4Network, ipaddress.IPv6Network), "CIDRs such as '127.0.0.0/8' or '::1'"),
     VsockAddress: ((CidRule,), "cid:N rules"),
@@ -882,7 +883,7 @@ def _listen_key(address: Address) -> object:
             return None
         case UnixAddress():
             return ("unix", address.path, address.abstract)
-        case VsockMuxAddress():  # the listen side binds PATH_PORT (SPEC 3.1)
+        case VsockMuxAddress():  # the listen side binds PATH_PORT (docs/reference.md, "Endpoints")
             return ("unix", f"{address.path}_{address.port}", False)
         case _:
             return address

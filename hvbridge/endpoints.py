@@ -5,10 +5,10 @@ modules (vsock.py, hvsock.py). It turns OSError into EndpointError with a messag
 what to do, keeping the cause. Everything here returns trio streams and listeners; the relay
 never learns which family it pumps.
 
-Unix listener files (SPEC 3.2): created with the route's mode (default 0600) and owner/group;
-an existing *socket* file is replaced only when nothing accepts on it (stale); any other kind
-of file, or a symlink, is an error and is never deleted or followed. The file is removed when
-the listener closes, if it is still ours.
+Unix listener files (docs/reference.md, "Who may connect"): created with the route's mode
+(default 0600) and owner/group; an existing *socket* file is replaced only when nothing accepts
+on it (stale); any other kind of file, or a symlink, is an error and is never deleted or
+followed. The file is removed when the listener closes, if it is still ours.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ async def _connect_tcp(address: TcpAddress) -> Stream:
             # A name: resolve it now (per connection) and try its addresses happy-eyeballs style.
             return await trio.open_tcp_stream(address.host, address.port)
         # An IP literal has one address to try: a plain connect skips open_tcp_stream's
-        # nursery and resolver round trip, which is most of a short connection's cost (issue 7).
+        # nursery and resolver round trip, which is most of a short connection's cost.
         sock = trio.socket.socket(family, socket.SOCK_STREAM)
         try:
             await sock.connect((address.host, address.port))

@@ -16,7 +16,7 @@ Rules:
 3. Options: HVSOCKET_CONNECT_TIMEOUT (ms, at most HVSOCKET_CONNECT_TIMEOUT_MAX) from the route's
    connect_timeout; HVSOCKET_CONNECTED_SUSPEND when connected_suspend is set (on the listening
    socket and again on each accepted one, since inheritance is undocumented).
-4. I/O model (SPEC 6, issue 4): whether trio's readiness waiting works on AF_HYPERV sockets is
+4. I/O model: whether trio's readiness waiting works on AF_HYPERV sockets is
    unproven. The first hvsock endpoint probes it once per process (a listener and a
    connection on HV_GUID_LOOPBACK exchanging bytes both ways and an EOF, under PROBE_TIMEOUT).
    If it works, hvsock sockets are ordinary trio sockets (trio.SocketStream, the relay's fast
@@ -205,7 +205,7 @@ async def _resolve_for(address: HyperVAddress, op: str, *, refresh: bool = False
 
 
 async def peer_vm_allowed(rules: Sequence[uuid.UUID | str], sockaddr: object) -> bool:
-    """Whether an accepted hvsock peer passes `allow = ["vm:..."]` rules (SPEC 3.2).
+    """Whether an accepted hvsock peer passes `allow = ["vm:..."]` rules (docs/reference.md, "Who may connect").
 
     Args:
         rules: The VmRule values: VmIds (HV_GUID_ZERO admits all) or VM names.

@@ -51,7 +51,7 @@ HV_GUID_LOOPBACK: Final = uuid.UUID("e0e16197-dd56-4a10-9195-5ee7a155a838")
 HV_GUID_PARENT: Final = uuid.UUID("a42e7cda-d03f-480c-9cc2-a4de20abb878")
 HV_GUID_SILOHOST: Final = uuid.UUID("36bd0c5c-7276-4223-88ba-7d03b654c568")
 
-#: VmId wildcard names accepted in `hvsock://NAME/...` (SPEC 3.1), lower case.
+#: VmId wildcard names accepted in `hvsock://NAME/...` (docs/reference.md, "Endpoints"), lower case.
 VM_WILDCARDS: Final[dict[str, uuid.UUID]] = {
     "any": HV_GUID_ZERO,
     "wildcard": HV_GUID_ZERO,

@@ -1,7 +1,8 @@
 """The daemon's run loop: signals, reload, graceful shutdown, --watch, systemd and metrics.
 
-This module owns the life of a running hvbridge process (SPEC 5). The supervisor runs routes;
-this module decides which routes run, on which listening sockets, and when they stop.
+This module owns the life of a running hvbridge process (docs/reference.md, "Reload and
+signals"). The supervisor runs routes; this module decides which routes run, on which listening
+sockets, and when they stop.
 
 Rules:
 1. Listening sockets belong to a ListenerPool keyed by listen address, not to routes. A reload
@@ -61,7 +62,7 @@ _RELOAD_SIGNALS: Final = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
 
 
 def check_families(table: RouteTable) -> None:
-    """Refuse a table with an endpoint family this OS cannot use (SPEC 3.3).
+    """Refuse a table with an endpoint family this OS cannot use (docs/reference.md, "Validation").
 
     Raises:
         ConfigError: Naming every route and endpoint concerned.

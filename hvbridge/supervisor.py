@@ -404,7 +404,7 @@ class Supervisor:
         attempt = 0
         start = trio.current_time()
         while True:
-            # trio.fail_after() without its generator-based context manager (issue 7: it was
+            # trio.fail_after() without its generator-based context manager (it was
             # a few percent of a short connection's CPU time).
             with trio.CancelScope(deadline=trio.current_time() + options.connect_timeout) as deadline:
                 try:

@@ -1,4 +1,4 @@
-"""Tests for hvbridge.addresses: every SPEC 3.1 text form, its canonical text and its errors.
+"""Tests for hvbridge.addresses: every text form of docs/reference.md, "Endpoints", its canonical text and its errors.
 
 Rules: pure (no sockets); exact messages, matched whole with `^...$`; Hypothesis checks that
 `parse_address(str(a)) == a` for every family and that any text parses or raises AddressError.
@@ -126,7 +126,7 @@ def test_values_and_properties() -> None:
     assert UnixAddress("/run/x.sock").sockaddr == "/run/x.sock"
     assert parse_address("vsock-mux:///v.sock:5") == VsockMuxAddress("/v.sock", 5)
     assert parse_address("stdio") == StdioAddress()
-    # GUIDs compare as uuid.UUID, whatever case they were written in (SPEC 3.1).
+    # GUIDs compare as uuid.UUID, whatever case they were written in (Windows returns either).
     assert parse_address(f"hvsock://{SSH.upper()}/1") == parse_address(f"hvsock://{SSH}/1")
 
 

@@ -66,7 +66,7 @@ OPTION_KEYS: Final = (
 NO_ROUTES: Final = "no routes; expected at least one [routes.NAME] table"
 
 FULL_TOML: Final = """\
-# The example of SPEC 3, with every key set somewhere.
+# The example of docs/reference.md, "Route table", with every key set somewhere.
 [bridge]
 log_level = "debug"
 log_format = "json"

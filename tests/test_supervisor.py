@@ -254,7 +254,7 @@ async def test_emfile_on_accept_is_logged_and_accepting_recovers(
             nursery.cancel_scope.cancel()
 
     assert len(calls) == 3
-    assert [b - a for a, b in pairwise(calls)] == pytest.approx([0.1, 0.1])  # SPEC: recovers after 100 ms
+    assert [b - a for a, b in pairwise(calls)] == pytest.approx([0.1, 0.1])  # recovers after 100 ms
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [r.getMessage() for r in errors] == [
         "accept failed: Too many open files; pausing 100 ms (raise the file descriptor limit, `ulimit -n`)"
