@@ -37,6 +37,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -79,6 +80,47 @@ IO_MODEL_ENV: Final = "HVBRIDGE_HVSOCK_IO"
 DEFAULT_RECEIVE_SIZE: Final = 64 * 1024
 _BACKLOG: Final = 4096  # as endpoints.py; Windows clamps it to SOMAXCONN
 _PROBE_PAYLOAD: Final = b"hvbridge readiness probe"
+#: accept() errors that concern one connection, not the listener: the next accept() may work.
+#: The errno names trio.SocketListener ignores (trio/_highlevel_socket.py,
+#: _ignorable_accept_errno_names), so both I/O models treat them alike. On Windows, CPython's
+#: errno module gives these names their WSA numbers (Modules/errnomodule.c); the WSA numbers
+#: are also listed so that the set is the same everywhere. Winsock's accept() fails with
+#: WSAECONNRESET when a connection "was subsequently terminated by the remote peer prior to
+#: accepting the call" (Microsoft, accept function documentation).
+_ACCEPT_TRANSIENT_NAMES: Final = (
+    "EPERM",
+    "ECONNABORTED",
+    "EPROTO",
+    "ENETDOWN",
+    "ENOPROTOOPT",
+    "EHOSTDOWN",
+    "ENONET",
+    "EHOSTUNREACH",
+    "EOPNOTSUPP",
+    "ENETUNREACH",
+    "ENOSR",
+    "ESOCKTNOSUPPORT",
+    "EPROTONOSUPPORT",
+    "ETIMEDOUT",
+    "ECONNRESET",
+)
+_WSA_ACCEPT_TRANSIENT: Final = {
+    "WSAENOPROTOOPT": 10042,
+    "WSAEPROTONOSUPPORT": 10043,
+    "WSAESOCKTNOSUPPORT": 10044,
+    "WSAEOPNOTSUPP": 10045,
+    "WSAENETDOWN": 10050,
+    "WSAENETUNREACH": 10051,
+    "WSAECONNABORTED": 10053,
+    "WSAECONNRESET": 10054,
+    "WSAETIMEDOUT": 10060,
+    "WSAEHOSTDOWN": 10064,
+    "WSAEHOSTUNREACH": 10065,
+}
+ACCEPT_TRANSIENT_ERRNOS: Final = frozenset(
+    {getattr(errno, name) for name in _ACCEPT_TRANSIENT_NAMES if hasattr(errno, name)}
+    | set(_WSA_ACCEPT_TRANSIENT.values())
+)
 # closesocket() cancels blocking calls in other threads on Windows; on Linux close() does not
 # wake them (shutdown() does), and the descriptor number could be reused under them.
 _CLOSE_CANCELS_BLOCKING_CALLS: Final = sys.platform == "win32"
@@ -258,9 +300,39 @@ async def probe_readiness(
 
     Returns:
         IoProbe("readiness") if all of it worked, else IoProbe("threads") with the failure.
-        Any exception counts as a failure: finding unknown failures is the probe's purpose.
+        Any exception counts as a failure, closing a probe socket included: finding unknown
+        failures is the probe's purpose.
     """
     sockets: list[trio.socket.SocketType] = []
+    try:
+        probe = await _exchange(family, proto, bind_address, time_limit, sockets)
+    finally:
+        cleanup = _close_each(sockets)
+    if cleanup is not None and probe.model == "readiness":
+        return IoProbe("threads", f"readiness probe could not close its sockets: {cleanup}")
+    return probe
+
+
+def _close_each(sockets: Sequence[trio.socket.SocketType]) -> str | None:
+    """Close every socket, each under its own guard; describe the first failure, if any.
+
+    A provider that misbehaves under readiness waiting may well fail in close() too, and that
+    must neither leak the other sockets nor escape the probe.
+    """
+    failure = None
+    for sock in sockets:
+        try:
+            sock.close()
+        except Exception as exc:
+            logger.debug("closing a readiness probe socket failed", exc_info=True)
+            failure = failure or _describe(exc)
+    return failure
+
+
+async def _exchange(
+    family: int, proto: int, bind_address: object, time_limit: float, sockets: list[trio.socket.SocketType]
+) -> IoProbe:
+    """The probe itself; every socket it opens is appended to `sockets` for the caller to close."""
     try:
         with trio.fail_after(time_limit):
             listener = trio.socket.socket(family, socket.SOCK_STREAM, proto)
@@ -287,9 +359,6 @@ async def probe_readiness(
     except Exception as exc:
         logger.debug("readiness probe failed", exc_info=True)
         return IoProbe("threads", f"readiness probe failed: {_describe(exc)}")
-    finally:
-        for sock in sockets:
-            sock.close()
     return IoProbe("readiness", "trio readiness waiting works (loopback probe)")
 
 
@@ -598,6 +667,9 @@ class ThreadSocketListener(trio.abc.Listener[Stream]):
     async def accept(self) -> ThreadSocketStream:
         """Accept one connection.
 
+        accept() errors that concern one connection (ACCEPT_TRANSIENT_ERRNOS, e.g. a peer that
+        reset before it was accepted) are logged at debug level and the next one is accepted.
+
         Raises:
             trio.ClosedResourceError: The listener is closed.
             OSError: accept() failed (trio.serve_listeners retries EMFILE and friends).
@@ -606,18 +678,22 @@ class ThreadSocketListener(trio.abc.Listener[Stream]):
             raise trio.BusyResourceError("another task is already accepting on this listener")
         self._accepting = True
         try:
-            if self._pump.closed:
-                raise trio.ClosedResourceError("the listener is closed")
-            if self._accept_call is None:
-                self._accept_call = await self._pump.start(self.socket.accept, _close_accepted)
-            call = self._accept_call
-            try:
-                conn, _ = await self._pump.wait(call)
-            except OSError:
-                self._accept_call = None  # accept() failed; the next call starts a new one
-                raise
-            self._accept_call = None
-            return ThreadSocketStream(conn, self._limiter)
+            while True:
+                if self._pump.closed:
+                    raise trio.ClosedResourceError("the listener is closed")
+                if self._accept_call is None:
+                    self._accept_call = await self._pump.start(self.socket.accept, _close_accepted)
+                call = self._accept_call
+                try:
+                    conn, _ = await self._pump.wait(call)
+                except OSError as exc:
+                    self._accept_call = None  # accept() failed; the next call starts a new one
+                    if exc.errno not in ACCEPT_TRANSIENT_ERRNOS:
+                        raise
+                    logger.debug("accept() failed for one connection, accepting the next: %s", exc)
+                    continue
+                self._accept_call = None
+                return ThreadSocketStream(conn, self._limiter)
         finally:
             self._accepting = False
 

@@ -555,6 +555,47 @@ async def test_thread_listener_accept_error(limiter: trio.CapacityLimiter) -> No
         await listener.aclose()
 
 
+class FlakyAcceptSocket(socket.socket):
+    """A listening socket whose first accept() calls fail with the errnos in `failures`."""
+
+    failures: list[int]
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failures:
+            code = self.failures.pop(0)
+            raise OSError(code, f"accept failed with {code}")
+        return super().accept()
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        pytest.param(10054, id="WSAECONNRESET"),
+        pytest.param(10053, id="WSAECONNABORTED"),
+        pytest.param(errno.ECONNABORTED, id="ECONNABORTED"),
+        pytest.param(errno.EPERM, id="EPERM"),
+    ],
+)
+async def test_thread_listener_retries_transient_accept_errors(limiter: trio.CapacityLimiter, code: int) -> None:
+    """A peer that aborts before accept() costs that connection only, as with trio.SocketListener."""
+    server = FlakyAcceptSocket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.failures = [code, code]
+    listener = ThreadSocketListener(server, limiter)
+    with trio.fail_after(LIMIT):
+        client = await trio.open_tcp_stream(*server.getsockname())
+        accepted = await listener.accept()
+        assert server.failures == []
+        await client.send_all(b"after two failures")
+        assert await accepted.receive_some() == b"after two failures"
+        await accepted.aclose()
+        await client.aclose()
+        await listener.aclose()
+        await wait_idle(limiter)
+    assert code in hvsock.ACCEPT_TRANSIENT_ERRNOS
+
+
 def test_threads_for() -> None:
     assert hvsock.threads_for(1024) == 2048
     assert hvsock.threads_for(1) == 2
@@ -609,6 +650,32 @@ async def test_probe_detects_wrong_bytes(monkeypatch: pytest.MonkeyPatch) -> Non
     with trio.fail_after(LIMIT):
         probe = await hvsock.probe_readiness(socket.AF_INET, 0, ("127.0.0.1", 0))
     assert probe == hvsock.IoProbe("threads", "readiness probe received b'HVBRIDGE READINESS PROBE'")
+
+
+async def test_probe_survives_close_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close() that raises neither escapes the probe nor leaks the other sockets, and means threads."""
+    with trio.socket.socket() as sample:
+        socket_type = type(sample)
+    original = socket_type.close
+    closed: list[int] = []
+
+    def failing_close(self: trio.socket.SocketType) -> None:
+        closed.append(self.fileno())
+        original(self)
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(socket_type, "close", failing_close)
+    with trio.fail_after(LIMIT):
+        probe = await hvsock.probe_readiness(socket.AF_INET, 0, ("127.0.0.1", 0))
+        assert probe == hvsock.IoProbe(
+            "threads", "readiness probe could not close its sockets: OSError: Bad file descriptor"
+        )
+        assert len(closed) == 3  # listener, client and accepted socket: each closed despite the others
+        closed.clear()
+        # A probe that failed anyway keeps its own reason.
+        probe = await hvsock.probe_readiness(socket.AF_INET, 0, ("192.0.2.1", 0))
+        assert probe.reason == "readiness probe failed: OSError: Cannot assign requested address"
+        assert len(closed) == 1
 
 
 def test_describe_exception_groups() -> None:
