@@ -40,6 +40,7 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import os
 import random
 import socket
@@ -226,8 +227,15 @@ def set_vm_lookup(lookup: hyperv.VmLookup | None) -> None:
     _resolver = None if lookup is None else hyperv.VmResolver(lookup)
 
 
-async def resolve_vm_id(vm: uuid.UUID | str, *, refresh: bool = False) -> uuid.UUID:
+async def resolve_vm_id(
+    vm: uuid.UUID | str, *, refresh: bool = False, resolver: hyperv.VmResolver | None = None
+) -> uuid.UUID:
     """The VmId of `vm` (a GUID passes through), resolved in a worker thread.
+
+    Args:
+        vm: A VmId or a VM name.
+        refresh: Ask again instead of using the cache (see hyperv.VmResolver.resolve).
+        resolver: Where names are resolved; None for the process-wide vm_resolver().
 
     Raises:
         hyperv.VmLookupError: The name cannot be resolved.
@@ -235,13 +243,15 @@ async def resolve_vm_id(vm: uuid.UUID | str, *, refresh: bool = False) -> uuid.U
     if isinstance(vm, uuid.UUID):
         await trio.lowlevel.checkpoint()
         return vm
-    resolve = functools.partial(vm_resolver().resolve, vm, refresh=refresh)
+    resolve = functools.partial((resolver or vm_resolver()).resolve, vm, refresh=refresh)
     return await trio.to_thread.run_sync(resolve, abandon_on_cancel=True)
 
 
-async def _resolve_for(address: HyperVAddress, op: str, *, refresh: bool = False) -> uuid.UUID:
+async def _resolve_for(
+    address: HyperVAddress, op: str, *, refresh: bool = False, resolver: hyperv.VmResolver | None = None
+) -> uuid.UUID:
     try:
-        return await resolve_vm_id(address.vm, refresh=refresh)
+        return await resolve_vm_id(address.vm, refresh=refresh, resolver=resolver)
     except hyperv.VmLookupError as exc:
         raise EndpointError(str(address), op, str(exc)) from exc
 
@@ -743,11 +753,23 @@ def route_limiter(options: RouteOptions) -> trio.CapacityLimiter:
 # ------------------------------------------------------------------------- listen / connect
 
 
+#: How often a listener on a VM *name* looks the name up again while it waits for connections.
+#: WSL gives its VM a new VmId each time it starts, and a recreated Hyper-V VM has a new one:
+#: a socket bound to the old VmId then silently receives nothing. Each look-up is a PowerShell
+#: or wsl.exe process, and the resolver's min_refresh bounds how often one really runs.
+VM_RECHECK_INTERVAL: Final = 60.0
+
+
 @final
 class HvSocketListener(trio.abc.Listener[Stream]):
     """An hvsock listener: trio's SocketListener or a ThreadSocketListener, per the I/O model.
 
     Sets HVSOCKET_CONNECTED_SUSPEND on each accepted socket when the route asks for it.
+
+    A listener on a VM name (`hvsock://wsl/PORT`, `hvsock://my-vm/PORT`) follows the name's
+    VmId: refresh() looks the name up again and, if the VmId changed, binds a new socket to
+    the new VmId and closes the old one. accept() calls it every `recheck_interval` seconds
+    while no connection comes, and after an accept() error; the service calls it on reload.
 
     Attributes:
         socket: The listening socket (endpoints.listener_address() reads it).
@@ -764,7 +786,9 @@ class HvSocketListener(trio.abc.Listener[Stream]):
         address: HyperVAddress,
         vm_id: uuid.UUID,
         model: IoModel,
-        connected_suspend: bool,
+        options: RouteOptions,
+        resolver: hyperv.VmResolver | None = None,
+        recheck_interval: float = VM_RECHECK_INTERVAL,
     ) -> None:
         self.inner = inner
         self.socket = inner.socket
@@ -772,20 +796,85 @@ class HvSocketListener(trio.abc.Listener[Stream]):
         self.vm_id = vm_id
         self.model = model
         self._api = api
-        self._connected_suspend = connected_suspend
+        self._options = options
+        self._resolver = resolver
+        self._recheck_interval = recheck_interval
+        self._refresh_lock = trio.Lock()
+        self._closed = False
 
     async def accept(self) -> Stream:
         """Accept one connection; see trio.abc.Listener."""
-        stream = await self.inner.accept()
-        if self._connected_suspend:
+        follows_name = isinstance(self.address.vm, str)
+        while True:
+            inner = self.inner
+            try:
+                with trio.move_on_after(self._recheck_interval if follows_name else math.inf) as recheck:
+                    stream = await inner.accept()
+            except trio.ClosedResourceError:
+                if self._closed or self.inner is inner:
+                    raise
+                continue  # refresh() swapped the socket under this accept()
+            except OSError:
+                if not follows_name or not await self.refresh():
+                    raise
+                continue  # the VM's VmId changed: the error was the old socket's
+            if recheck.cancelled_caught:
+                await self.refresh()
+                continue
+            break
+        if self._options.connected_suspend:
             try:
                 self._api.set_connected_suspend(stream.socket)
             except OSError as exc:  # the listening socket has it; this is belt and braces
                 logger.debug("HVSOCKET_CONNECTED_SUSPEND on an accepted socket: %s", exc)
         return stream
 
+    async def refresh(self) -> bool:
+        """Look a VM name up again and rebind if its VmId changed (a GUID never changes).
+
+        Failures are logged and keep the socket as it is: a VM that is down for a moment must
+        not cost the listener.
+
+        Returns:
+            True if the listener now listens on a new VmId.
+        """
+        if not isinstance(self.address.vm, str):
+            await trio.lowlevel.checkpoint()
+            return False
+        async with self._refresh_lock:
+            try:
+                fresh = await resolve_vm_id(self.address.vm, refresh=True, resolver=self._resolver)
+            except hyperv.VmLookupError as exc:
+                logger.info(
+                    "listen %s: cannot look VM %r up again, keeping %s: %s",
+                    self.address,
+                    self.address.vm,
+                    self.vm_id,
+                    exc,
+                )
+                return False
+            if fresh == self.vm_id or self._closed:
+                return False
+            try:
+                inner = _bind(self._api, self.address, fresh, self.model, self._options)
+            except EndpointError as exc:
+                logger.error("listen %s: VM %r has a new VmId %s, but %s", self.address, self.address.vm, fresh, exc)
+                return False
+            old, self.inner, self.socket = self.inner, inner, inner.socket
+            logger.warning(
+                "listen %s: VM %r changed VmId from %s to %s; listening on the new one",
+                self.address,
+                self.address.vm,
+                self.vm_id,
+                fresh,
+            )
+            self.vm_id = fresh
+        await trio.aclose_forcefully(old)
+        return True
+
     async def aclose(self) -> None:
         """Stop listening."""
+        self._closed = True
         await self.inner.aclose()
 
 
@@ -815,16 +904,14 @@ def _listen_message(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-async def open_hvsock_listener(address: HyperVAddress, options: RouteOptions) -> HvSocketListener:
-    """Bind and listen on `address` (a VM name is resolved to its VmId first).
+def _bind(
+    api: HvSocketApi, address: HyperVAddress, vm_id: uuid.UUID, model: IoModel, options: RouteOptions
+) -> trio.SocketListener | ThreadSocketListener:
+    """A socket bound to (vm_id, address.service_id) and listening, wrapped for the I/O model.
 
     Raises:
-        AddressFamilyUnavailable: Not Windows, or Python < 3.12.
-        EndpointError: The VM name cannot be resolved, or bind/listen failed.
+        EndpointError: socket, bind or listen failed.
     """
-    api = _require_api(address)
-    probe = await hyperv_io_model(api)
-    vm_id = await _resolve_for(address, "listen")
     sock = _new_socket(api, address, "listen")
     try:
         if options.connected_suspend:
@@ -834,19 +921,43 @@ async def open_hvsock_listener(address: HyperVAddress, options: RouteOptions) ->
     except OSError as exc:
         sock.close()
         raise EndpointError(str(address), "listen", _listen_message(exc)) from exc
-    inner: trio.SocketListener | ThreadSocketListener
-    if probe.model == "readiness":
-        inner = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    else:
-        # One more token than the connections need: the accept thread.
-        inner = ThreadSocketListener(sock, trio.CapacityLimiter(threads_for(options.max_connections) + 1))
+    if model == "readiness":
+        return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    # One more token than the connections need: the accept thread.
+    return ThreadSocketListener(sock, trio.CapacityLimiter(threads_for(options.max_connections) + 1))
+
+
+async def open_hvsock_listener(
+    address: HyperVAddress,
+    options: RouteOptions,
+    *,
+    resolver: hyperv.VmResolver | None = None,
+    recheck_interval: float = VM_RECHECK_INTERVAL,
+) -> HvSocketListener:
+    """Bind and listen on `address` (a VM name is resolved to its VmId first).
+
+    Args:
+        address: Where to listen.
+        options: The route's options (connected_suspend, max_connections).
+        resolver: Where VM names are resolved; None for the process-wide vm_resolver().
+        recheck_interval: Seconds between look-ups of a VM name while idle (HvSocketListener).
+
+    Raises:
+        AddressFamilyUnavailable: Not Windows, or Python < 3.12.
+        EndpointError: The VM name cannot be resolved, or bind/listen failed.
+    """
+    api = _require_api(address)
+    probe = await hyperv_io_model(api)
+    vm_id = await _resolve_for(address, "listen", resolver=resolver)
     return HvSocketListener(
-        inner,
+        _bind(api, address, vm_id, probe.model, options),
         api=api,
         address=address,
         vm_id=vm_id,
         model=probe.model,
-        connected_suspend=options.connected_suspend,
+        options=options,
+        resolver=resolver,
+        recheck_interval=recheck_interval,
     )
 
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, final
 import attrs
 import trio
 
-from hvbridge import endpoints
+from hvbridge import endpoints, hvsock
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, TcpAddress, UnixAddress, VsockAddress
 from hvbridge.config import Route, RouteTable
 from hvbridge.errors import ConfigError, EndpointError, HvbridgeError, Problem
@@ -183,6 +183,7 @@ class ListenerPool:
                     result[route.name] = inherited
                 elif key in self.opened:
                     self._refresh_unix_file(route, key)
+                    await _follow_vm_names(self.opened[key])
                     result[route.name] = self.opened[key]
                 else:
                     listeners = await self.open_listeners(route.listen, route.options)
@@ -239,6 +240,13 @@ class ListenerPool:
                 await trio.aclose_forcefully(listener)
         self.opened.clear()
         self.inherited.clear()
+
+
+async def _follow_vm_names(listeners: list[endpoints.Listener]) -> None:
+    """A kept listener on a VM name looks it up again (WSL has a new VmId after each start)."""
+    for listener in listeners:
+        if isinstance(listener, hvsock.HvSocketListener):
+            await listener.refresh()
 
 
 def _unix_file_options(route: Route) -> tuple[int, str | None, str | None]:
