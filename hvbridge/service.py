@@ -609,8 +609,11 @@ class Service:
             return
         new = self.log_level or table.bridge.log_level, self.log_format or table.bridge.log_format
         old = self.log_level or self.table.bridge.log_level, self.log_format or self.table.bridge.log_format
-        if new != old:
-            setup_logging(*new)
+        if (new, table.bridge.log_file) != (old, self.table.bridge.log_file):
+            try:
+                setup_logging(*new, table.bridge.log_file)
+            except OSError as exc:
+                event(logging.ERROR, f"{log_file_problem(table, exc)}; logging as before")
 
     # --------------------------------------------------------------------------- shutdown
 
@@ -767,6 +770,17 @@ async def serve(
         raise
 
 
+def log_file_problem(table: RouteTable, exc: OSError) -> Problem:
+    """Why [bridge] log_file cannot be opened, and what to do."""
+    return Problem(
+        table.source,
+        None,
+        "bridge.log_file",
+        f"cannot open {table.bridge.log_file!r}: {exc.strerror or exc};"
+        " create its directory or give a path the account running hvbridge may write",
+    )
+
+
 def _single_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -802,7 +816,16 @@ def run(
     since = file_signature(watch) if watch is not None else None
     level = log_level or table.bridge.log_level
     fmt = log_format or table.bridge.log_format
-    setup_logging(level, fmt)
+    if workers > 1 and table.bridge.log_file is not None:
+        raise ConfigError.single(
+            table.source,
+            "bridge.log_file",
+            "cannot be used with --workers (the worker processes log to stderr); remove one of them",
+        )
+    try:
+        setup_logging(level, fmt, table.bridge.log_file)
+    except OSError as exc:
+        raise ConfigError([log_file_problem(table, exc)]) from exc
     check_families(table)
     engine: Callable[[], AbstractAsyncContextManager[Engine]] = open_local_engine
     if workers > 1:
