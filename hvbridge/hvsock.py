@@ -12,7 +12,9 @@ Rules:
    HV_PROTOCOL_RAW. GUIDs are compared as uuid.UUID. A VM name is resolved to its VmId
    through hyperv.VmResolver (cached, run in a worker thread); after a connect fails the
    name is resolved again (at most every min_refresh seconds), and if the VmId changed (VM
-   recreated, WSL restarted) the connect is tried once more.
+   recreated, WSL restarted) the connect is tried once more. A listener on a VM name looks
+   the name up again on reload, every VM_RECHECK_INTERVAL while idle and after an accept()
+   error, and rebinds to a new VmId (HvSocketListener.refresh).
 3. Options: HVSOCKET_CONNECT_TIMEOUT (ms, at most HVSOCKET_CONNECT_TIMEOUT_MAX) from the route's
    connect_timeout; HVSOCKET_CONNECTED_SUSPEND when connected_suspend is set (on the listening
    socket and again on each accepted one, since inheritance is undocumented).
@@ -900,7 +902,13 @@ def _listen_message(exc: OSError) -> str:
     if exc.errno in (10048, 98):  # WSAEADDRINUSE, EADDRINUSE
         return "address already in use; another process listens on this VmId and service GUID"
     if exc.errno in (10013, 13):  # WSAEACCES, EACCES
-        return "permission denied; binding a VmId other than a wildcard may need administrator rights"
+        # Reported for WSL (nbdd0121/wsld#8): an elevated administrator gets WSAEACCES on the WSL
+        # VM's VmId, while the (standard) user who started WSL can bind it.
+        return (
+            "permission denied; only an account allowed to use that VM may bind its VmId: for WSL that is"
+            " the user who runs WSL (administrator rights do not help), for a Hyper-V VM a member of"
+            " 'Hyper-V Administrators'"
+        )
     return exc.strerror or str(exc)
 
 

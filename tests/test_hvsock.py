@@ -888,8 +888,10 @@ async def test_listen_errors(api: TcpApi, model: str) -> None:
 
 
 def test_listen_messages() -> None:
-    assert hvsock._listen_message(PermissionError(errno.EACCES, "Permission denied")) == (
-        "permission denied; binding a VmId other than a wildcard may need administrator rights"
+    assert hvsock._listen_message(OSError(10013, "An attempt was made to access a socket ...")) == (
+        "permission denied; only an account allowed to use that VM may bind its VmId: for WSL that is"
+        " the user who runs WSL (administrator rights do not help), for a Hyper-V VM a member of"
+        " 'Hyper-V Administrators'"
     )
     assert hvsock._listen_message(OSError(errno.EINVAL, "Invalid argument")) == "Invalid argument"
 
