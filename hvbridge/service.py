@@ -243,7 +243,10 @@ class ListenerPool:
 
 
 async def _follow_vm_names(listeners: list[endpoints.Listener]) -> None:
-    """A kept listener on a VM name looks it up again (WSL has a new VmId after each start)."""
+    """A kept listener on a VM name looks it up again (WSL has a new VmId after each start).
+
+    A rebind is not undone if the reload fails later: the old VmId is gone either way.
+    """
     for listener in listeners:
         if isinstance(listener, hvsock.HvSocketListener):
             await listener.refresh()
