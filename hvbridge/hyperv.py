@@ -15,7 +15,8 @@ drive all of their logic on Linux:
   output with the pure parse_*() functions below. Its scripts take no user data at all: every
   VM is listed and the name is matched here, so nothing is ever spliced into a command line.
   VmResolver caches name -> VmId and re-resolves on request (hvsock.py does after a failed
-  connect: VmIds change when a VM is recreated or WSL restarts).
+  connect, and for listeners on reload, while idle and after an accept error: VmIds change
+  when a VM is recreated or WSL restarts).
 
 A Linux guest's AF_VSOCK port P is the Hyper-V service `{P:08x}-facb-11e6-bd58-64006a7986d3`
 (Microsoft, "Make your own integration services", the VSockTemplate GUID).
