@@ -1200,4 +1200,6 @@ async def test_guid_listener_never_looks_up(api: TcpApi, model: str) -> None:
         with pytest.raises(OSError, match="Invalid argument"):
             await listener.accept()
         await listener.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await listener.accept()
     assert lookup.asked == 0
