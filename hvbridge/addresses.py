@@ -16,7 +16,7 @@ from typing import Final, Literal, assert_never
 import attrs
 
 from hvbridge.errors import AddressError
-from hvbridge.hyperv import VM_WILDCARDS, port_for_service_id, service_id_for_port
+from hvbridge.hyperv import VM_WILDCARDS, hyperv_port_problem, port_for_service_id, service_id_for_port
 
 Role = Literal["listen", "connect"]
 
@@ -289,11 +289,17 @@ def _parse_hvsock(rest: str) -> HyperVAddress:
         raise AddressError(
             f"invalid VM {vm_text!r}; expected a VmId GUID, a VM name or one of: {', '.join(VM_WILDCARDS)}"
         )
+    port: int | None
     if service_text.isascii() and service_text.isdigit():
-        port = _int_in_range(service_text, 0, _MAX_U32 - 1, "vsock port")
-        service_id = service_id_for_port(port)
+        port = _int_in_range(service_text, 0, _MAX_U32, "vsock port")
     else:
         service_id = _parse_guid(service_text, "service GUID")
+        port = port_for_service_id(service_id)
+    problem = None if port is None else hyperv_port_problem(port)
+    if problem is not None:
+        raise AddressError(f"invalid Hyper-V socket address {'hvsock://' + rest!r}: {problem}")
+    if port is not None:
+        service_id = service_id_for_port(port)
     return HyperVAddress(vm, service_id)
 
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Literal, ParamSpec, TypeVar
 import click
 import trio
 
-from hvbridge import __version__, endpoints, metrics, service, sshconfig
-from hvbridge.addresses import VsockAddress
+from hvbridge import __version__, endpoints, hyperv, metrics, service, sshconfig
+from hvbridge.addresses import VMADDR_PORT_ANY, VsockAddress
 from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import RouteTable, format_table, load_config, table_from_mapping
 from hvbridge.errors import HvbridgeError
@@ -162,6 +162,10 @@ def check(config_path: str) -> None:
         click.echo(f"# {vsock.describe_local_cid()}")
     for route in table.routes:
         for key, address in (("listen", route.listen), ("connect", route.connect)):
+            if isinstance(address, VsockAddress) and address.port != VMADDR_PORT_ANY:
+                problem = hyperv.hyperv_port_problem(address.port)
+                if problem is not None:
+                    click.echo(f"warning: routes.{route.name}.{key}: under Hyper-V, {problem}", err=True)
             why = endpoints.unavailable_reason(address)
             if why is not None:
                 click.echo(

@@ -34,7 +34,9 @@ import difflib
 import ipaddress
 import json
 import math
+import ntpath
 import os
+import posixpath
 import re
 import stat
 import sys
@@ -143,6 +145,7 @@ class BridgeSettings:
     log_format: LogFormat = "text"
     metrics: Address | None = None
     shutdown_grace: float = 10.0
+    log_file: str | None = None
 
 
 @attrs.frozen
@@ -312,6 +315,8 @@ def format_table(table: RouteTable) -> str:
         f"log_level = {_toml_string(bridge.log_level)}",
         f"log_format = {_toml_string(bridge.log_format)}",
     ]
+    if bridge.log_file is not None:
+        lines.append(f"log_file = {_toml_string(bridge.log_file)}")
     if bridge.metrics is not None:
         lines.append(f"metrics = {_toml_string(str(bridge.metrics))}")
     lines.append(f"shutdown_grace = {_toml_string(_format_duration(bridge.shutdown_grace))}")
@@ -748,6 +753,7 @@ def _bridge(value: object, report: _Report) -> BridgeSettings:
     return BridgeSettings(
         log_level=_pick(values, "log_level", default.log_level),
         log_format=_pick(values, "log_format", default.log_format),
+        log_file=_pick(values, "log_file", default.log_file),
         metrics=_pick(values, "metrics", default.metrics),
         shutdown_grace=_pick(values, "shutdown_grace", default.shutdown_grace),
     )
@@ -1027,6 +1033,17 @@ def _parse_endpoint(value: object, role: Role) -> Address:
         raise _Invalid(str(exc)) from None
 
 
+def _parse_log_file(value: object) -> str:
+    # Absolute in either form: a scheduled task or service starts in C:\Windows\System32 and a
+    # unit in /, so a relative path would land there. ntpath also reads C:/x and \\server\share.
+    if not isinstance(value, str) or "\0" in value or not (posixpath.isabs(value) or ntpath.isabs(value)):
+        raise _Invalid(
+            f"got {_describe(value)}; expected an absolute file path such as"
+            " 'C:\\ProgramData\\hvbridge\\hvbridge.log' or '/var/log/hvbridge.log'"
+        )
+    return value
+
+
 def _parse_metrics(value: object) -> Address:
     address = _parse_endpoint(value, "listen")
     if not isinstance(address, TcpAddress | UnixAddress):
@@ -1187,6 +1204,7 @@ _OPTION_PARSERS: Final[dict[str, Callable[[object], object]]] = {
 _BRIDGE_PARSERS: Final[dict[str, Callable[[object], object]]] = {
     "log_level": _choice_parser(get_args(LogLevel)),
     "log_format": _choice_parser(get_args(LogFormat)),
+    "log_file": _parse_log_file,
     "metrics": _parse_metrics,
     "shutdown_grace": _duration_parser(f"a duration ({_DURATION_FORMS}, such as '10s')"),
 }

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, final
 import attrs
 import trio
 
-from hvbridge import endpoints
+from hvbridge import endpoints, hvsock
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, TcpAddress, UnixAddress, VsockAddress
 from hvbridge.config import Route, RouteTable
 from hvbridge.errors import ConfigError, EndpointError, HvbridgeError, Problem
@@ -184,6 +184,7 @@ class ListenerPool:
                     result[route.name] = inherited
                 elif key in self.opened:
                     self._refresh_unix_file(route, key)
+                    await _follow_vm_names(self.opened[key])
                     result[route.name] = self.opened[key]
                 else:
                     listeners = await self.open_listeners(route.listen, route.options)
@@ -240,6 +241,16 @@ class ListenerPool:
                 await trio.aclose_forcefully(listener)
         self.opened.clear()
         self.inherited.clear()
+
+
+async def _follow_vm_names(listeners: list[endpoints.Listener]) -> None:
+    """A kept listener on a VM name looks it up again (WSL has a new VmId after each start).
+
+    A rebind is not undone if the reload fails later: the old VmId is gone either way.
+    """
+    for listener in listeners:
+        if isinstance(listener, hvsock.HvSocketListener):
+            await listener.refresh()
 
 
 def _unix_file_options(route: Route) -> tuple[int, str | None, str | None]:
@@ -602,8 +613,11 @@ class Service:
             return
         new = self.log_level or table.bridge.log_level, self.log_format or table.bridge.log_format
         old = self.log_level or self.table.bridge.log_level, self.log_format or self.table.bridge.log_format
-        if new != old:
-            setup_logging(*new)
+        if (new, table.bridge.log_file) != (old, self.table.bridge.log_file):
+            try:
+                setup_logging(*new, table.bridge.log_file)
+            except OSError as exc:
+                event(logging.ERROR, f"{log_file_problem(table, exc)}; logging as before")
 
     # --------------------------------------------------------------------------- shutdown
 
@@ -760,6 +774,17 @@ async def serve(
         raise
 
 
+def log_file_problem(table: RouteTable, exc: OSError) -> Problem:
+    """Why [bridge] log_file cannot be opened, and what to do."""
+    return Problem(
+        table.source,
+        None,
+        "bridge.log_file",
+        f"cannot open {table.bridge.log_file!r}: {exc.strerror or exc};"
+        " create its directory or give a path the account running hvbridge may write",
+    )
+
+
 def _single_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -795,7 +820,16 @@ def run(
     since = file_signature(watch) if watch is not None else None
     level = log_level or table.bridge.log_level
     fmt = log_format or table.bridge.log_format
-    setup_logging(level, fmt)
+    if workers > 1 and table.bridge.log_file is not None:
+        raise ConfigError.single(
+            table.source,
+            "bridge.log_file",
+            "cannot be used with --workers (the worker processes log to stderr); remove one of them",
+        )
+    try:
+        setup_logging(level, fmt, table.bridge.log_file)
+    except OSError as exc:
+        raise ConfigError([log_file_problem(table, exc)]) from exc
     check_families(table)
     engine: Callable[[], AbstractAsyncContextManager[Engine]] = open_local_engine
     if workers > 1:

@@ -51,3 +51,21 @@ def test_version_and_help_stay_with_the_group(runner: CliRunner) -> None:
 def test_an_unknown_option_is_a_usage_error(runner: CliRunner) -> None:
     result = runner.invoke(main, ["--no-such-option"])
     assert result.exit_code == 2
+
+
+def test_check_warns_of_vsock_ports_hyperv_cannot_reach(runner: CliRunner, tmp_path: Path) -> None:
+    """hv_sock ignores ports above 0x7FFFFFFF: `check` says so for a vsock route (other hypervisors are fine)."""
+    table = tmp_path / "routes.toml"
+    table.write_text(
+        '[routes.high]\nlisten = "vsock://any:2147483648"\nconnect = "tcp://127.0.0.1:22"\n'
+        '[routes.low]\nlisten = "vsock://any:2147483647"\nconnect = "vsock://2:22"\n'
+        '[routes.auto]\nlisten = "vsock://any:any"\nconnect = "tcp://127.0.0.1:22"\n'
+    )
+    result = runner.invoke(main, ["check", "-c", str(table)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "Hyper-V" in line]
+    assert warnings == [
+        "warning: routes.high.listen: under Hyper-V, vsock port 2147483648 is above 2147483647 (0x7FFFFFFF):"
+        " the Linux hv_sock driver ignores connections to such ports (0x80000000 and up are the host's"
+        " ephemeral ports); use a port 0..2147483647"
+    ]

@@ -364,7 +364,8 @@ def test_toml_crlf_line_ends() -> None:
             "routes.toml:4: bridge.metrics: got 'vsock://3:9477';"
             " expected a tcp:// or unix:// endpoint such as 'tcp://127.0.0.1:9477'\n"
             f"routes.toml:5: bridge.shutdown_grace: got '-1s'; expected a duration ({DURATION_FORMS}, such as '10s')\n"
-            "routes.toml:6: bridge.log: unknown key; expected one of: log_format, log_level, metrics, shutdown_grace",
+            "routes.toml:6: bridge.log: unknown key;"
+            " expected one of: log_file, log_format, log_level, metrics, shutdown_grace",
             id="bridge",
         ),
         pytest.param(
@@ -1412,3 +1413,31 @@ def test_proxy_protocol_options_inherit_override_and_round_trip() -> None:
 def test_proxy_protocol_option_problems(line: str, message: str) -> None:
     with raises(message):
         check(f"[routes.ssh]\n{OK}{line}\n")
+
+
+# ---------------------------------------------------------------------------- [bridge] log_file
+
+_ONE_ROUTE: Final = {"web": {"listen": "tcp://127.0.0.1:8080", "connect": "tcp://127.0.0.1:80"}}
+
+
+@pytest.mark.parametrize(
+    "path", ["C:\\ProgramData\\hvbridge\\hvbridge.log", "C:/logs/hvbridge.log", "\\\\server\\logs\\x.log", "/var/log/x"]
+)
+def test_log_file(path: str) -> None:
+    table = table_from_mapping({"bridge": {"log_file": path}, "routes": _ONE_ROUTE}, source="t.toml")
+    assert table.bridge.log_file == path
+    text = format_table(table)
+    assert parse_config(text, fmt="toml", source="t.toml") == table
+    assert table_from_mapping({"routes": _ONE_ROUTE}, source="t.toml").bridge.log_file is None
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [("hvbridge.log", "'hvbridge.log'"), ("C:x.log", "'C:x.log'"), ("", "''"), (5, "5")]
+)
+def test_log_file_must_be_absolute(value: object, shown: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        table_from_mapping({"bridge": {"log_file": value}, "routes": _ONE_ROUTE}, source="t.toml")
+    assert str(info.value) == (
+        f"t.toml: bridge.log_file: got {shown}; expected an absolute file path such as"
+        " 'C:\\ProgramData\\hvbridge\\hvbridge.log' or '/var/log/hvbridge.log'"
+    )
