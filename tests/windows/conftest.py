@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeAlias
 
 import pytest
 
@@ -22,7 +23,7 @@ collect_ignore_glob = [] if sys.platform == "win32" else ["*.py"]
 TIMEOUT = 60.0
 
 
-def hvbridge(*args: str, stdin: bytes = b"", timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+def run_hvbridge(*args: str, stdin: bytes = b"", timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
     """Run `python -m hvbridge ARGS` as its own Windows process; its output as text."""
     return subprocess.run(
         [sys.executable, "-m", "hvbridge", *args],
@@ -59,9 +60,11 @@ def connect_when_up(port: int, proc: subprocess.Popen[bytes] | None = None) -> s
             sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         except ConnectionRefusedError:
             if proc is not None and proc.poll() is not None:
-                raise AssertionError(f"hvbridge exited with {proc.returncode}: {proc.stderr and proc.stderr.read()!r}")
+                raise AssertionError(
+                    f"hvbridge exited with {proc.returncode}: {proc.stderr and proc.stderr.read()!r}"
+                ) from None
             if time.monotonic() > deadline:
-                raise
+                raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {TIMEOUT} s") from None
             time.sleep(0.1)
             continue
         return sock
@@ -104,8 +107,11 @@ class Backend:
             raise self.errors[0]
 
 
+MakeBackend: TypeAlias = Callable[[Callable[[socket.socket], None]], Backend]
+
+
 @pytest.fixture
-def backend() -> Iterator[Callable[[Callable[[socket.socket], None]], Backend]]:
+def backend() -> Iterator[MakeBackend]:
     made: list[Backend] = []
 
     def make(handle: Callable[[socket.socket], None]) -> Backend:

@@ -14,24 +14,22 @@ import sys
 sys.modules["_wmi"] = None  # type: ignore[assignment]
 
 
-def _shim_trio_afd() -> None:
+if sys.platform == "win32":  # (mypy on Linux skips this block)
+    from trio._core import _io_windows
+
     # trio's Windows I/O asks each socket for SIO_BSP_HANDLE_SELECT, which Wine 8 answers with
     # WSAEOPNOTSUPP (10045). With no layered service provider installed (none is in Wine), that
     # handle is the SIO_BASE_HANDLE one, so retry with that.
-    from trio._core import _io_windows
+    _original = _io_windows._get_underlying_socket
+    _SELECT = _io_windows.WSAIoctls.SIO_BSP_HANDLE_SELECT
+    _BASE = _io_windows.WSAIoctls.SIO_BASE_HANDLE
 
-    original = _io_windows._get_underlying_socket
-
-    def get_underlying_socket(sock, *, which=_io_windows.WSAIoctls.SIO_BASE_HANDLE):  # type: ignore[no-untyped-def]
+    def _get_underlying_socket(sock: int, *, which: int = _BASE) -> object:
         try:
-            return original(sock, which=which)
+            return _original(sock, which=which)
         except OSError as exc:
-            if which != _io_windows.WSAIoctls.SIO_BSP_HANDLE_SELECT or exc.winerror != 10045:
+            if which != _SELECT or exc.winerror != 10045:
                 raise
-            return original(sock, which=_io_windows.WSAIoctls.SIO_BASE_HANDLE)
+            return _original(sock, which=_BASE)
 
-    _io_windows._get_underlying_socket = get_underlying_socket
-
-
-if sys.platform == "win32":
-    _shim_trio_afd()
+    _io_windows._get_underlying_socket = _get_underlying_socket
