@@ -7,11 +7,12 @@ module has on Windows. Threads are real, so each wait is bounded by trio.fail_af
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import socket
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -21,6 +22,9 @@ from hvbridge.addresses import parse_address
 from hvbridge.config import RouteOptions
 from hvbridge.endpoints import ThreadFdStream, error_text, translate_connect_error, unavailable_reason
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 WAIT = 10.0
 
@@ -32,10 +36,8 @@ def pipes() -> Iterator[tuple[ThreadFdStream, int, int]]:
     out_read, out_write = os.pipe()
     yield ThreadFdStream(in_read, out_write), in_write, out_read
     for fd in (in_write, out_read):
-        try:
+        with contextlib.suppress(OSError):  # closed by the test
             os.close(fd)
-        except OSError:
-            pass  # closed by the test
 
 
 def _closed(fd: int) -> bool:
@@ -109,7 +111,7 @@ async def test_thread_fd_stream_cancelled_read_closes_its_fd_when_the_read_retur
     assert not _closed(read_fd), "closed under a read still in progress"
     os.write(in_write, b"x")  # the abandoned read returns, and closes its fd
     with trio.fail_after(WAIT):
-        while not _closed(read_fd):
+        while not _closed(read_fd):  # noqa: ASYNC110 - a worker thread's end is no trio event
             await trio.sleep(0.01)
 
 
