@@ -78,6 +78,7 @@ async def test_thread_fd_stream_moves_bytes_both_ways_and_half_closes(pipes: tup
             nursery.start_soon(feed)
             nursery.start_soon(drain)
             nursery.start_soon(receive)
+            await stream.wait_send_all_might_not_block()  # no readiness to wait for: returns at once
             await stream.send_all(there)
             await stream.send_eof()  # the reader of our output sees EOF while we still read
         await stream.aclose()
