@@ -142,7 +142,10 @@ _workers = click.option(
 @_log_format
 @_user_errors
 def run(config_path: str, watch: bool, workers: int, verbose: int, quiet: int, log_format: LogFormat | None) -> None:
-    """Run every route of the route table until SIGINT/SIGTERM; SIGHUP reloads the file."""
+    """Run every route of the route table until SIGINT/SIGTERM (Ctrl-C/Ctrl-Break on Windows).
+
+    SIGHUP reloads the file; Windows has no SIGHUP: use --watch there.
+    """
     table = load_config(config_path)
     _serve(table, verbose, quiet, log_format, config_path=config_path, watch=watch, workers=workers)
 

@@ -57,7 +57,8 @@ Command = Literal["reload", "stop"]
 
 #: --watch polls the file this often; a change is acted on once it has held for one interval.
 WATCH_INTERVAL: Final = 1.0
-_STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+#: Windows has SIGBREAK (Ctrl-Break) and no SIGHUP: reload there is --watch.
+_STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, *((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()))
 _RELOAD_SIGNALS: Final = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
 
 

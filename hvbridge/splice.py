@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import heapq
 import math
 import os
@@ -109,6 +108,8 @@ class Pipe:
     __slots__ = ("read_fd", "size", "write_fd")
 
     def __init__(self, size: int) -> None:
+        import fcntl  # Unix only: imported here so the module imports on Windows (splice is off there)
+
         self.read_fd, self.write_fd = os.pipe()
         with contextlib.suppress(OSError):  # EPERM past the user's pipe quota: keep the default
             fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, size)

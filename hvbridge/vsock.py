@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import re
 import socket
@@ -205,6 +204,8 @@ def local_cid(device: str = "/dev/vsock") -> int | None:
         vsock module not loaded, a container without `--device /dev/vsock`), no permission,
         or no transport at all (the kernel answers VMADDR_CID_ANY).
     """
+    import fcntl  # Unix only: imported here so the module imports on Windows
+
     try:
         fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
