@@ -384,7 +384,7 @@ def main() -> None:
         f"{info['socat_version']}, {info['haproxy']}. The client, the server and the relay share these "
         "cores, over loopback.\n"
     )
-    markdown = f"{notes}\n{text}\nTargets (issue 7), as ratios of this run's medians:\n\n{target_text}\n"
+    markdown = f"{notes}\n{text}\nTargets, as ratios of this run's medians:\n\n{target_text}\n"
     if args.relays == ",".join(RELAYS) and args.families == "tcp,unix" and not args.quick:
         (HERE / "latest.md").write_text(markdown)
     if args.update_docs:

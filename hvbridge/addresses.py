@@ -1,6 +1,6 @@
 """Endpoint addresses: one frozen value type per family, parse_address() and their text form.
 
-This module owns the text form of every endpoint (SPEC 3.1). It is pure: it never imports trio
+This module owns the text form of every endpoint (docs/reference.md, "Endpoints"). It is pure: it never imports trio
 and never creates sockets. Rule: for every address `a`, `parse_address(str(a)) == a`, and
 `str(a)` is what logs print. Any invalid text raises AddressError whose message says what is
 wrong and what is expected; nothing else escapes parse_address().
@@ -16,7 +16,7 @@ from typing import Final, Literal, assert_never
 import attrs
 
 from hvbridge.errors import AddressError
-from hvbridge.hyperv import VM_WILDCARDS, port_for_service_id, service_id_for_port
+from hvbridge.hyperv import VM_WILDCARDS, hyperv_port_problem, port_for_service_id, service_id_for_port
 
 Role = Literal["listen", "connect"]
 
@@ -136,7 +136,7 @@ Address = TcpAddress | UnixAddress | VsockAddress | HyperVAddress | VsockMuxAddr
 
 
 def parse_address(text: str, *, role: Role | None = None) -> Address:
-    """Parse an endpoint's text form (SPEC 3.1).
+    """Parse an endpoint's text form (docs/reference.md, "Endpoints").
 
     Args:
         text: e.g. `tcp://127.0.0.1:2222`, `unix:///run/x.sock`, `vsock://3:5000`.
@@ -289,11 +289,17 @@ def _parse_hvsock(rest: str) -> HyperVAddress:
         raise AddressError(
             f"invalid VM {vm_text!r}; expected a VmId GUID, a VM name or one of: {', '.join(VM_WILDCARDS)}"
         )
+    port: int | None
     if service_text.isascii() and service_text.isdigit():
-        port = _int_in_range(service_text, 0, _MAX_U32 - 1, "vsock port")
-        service_id = service_id_for_port(port)
+        port = _int_in_range(service_text, 0, _MAX_U32, "vsock port")
     else:
         service_id = _parse_guid(service_text, "service GUID")
+        port = port_for_service_id(service_id)
+    problem = None if port is None else hyperv_port_problem(port)
+    if problem is not None:
+        raise AddressError(f"invalid Hyper-V socket address {'hvsock://' + rest!r}: {problem}")
+    if port is not None:
+        service_id = service_id_for_port(port)
     return HyperVAddress(vm, service_id)
 
 

@@ -1,4 +1,4 @@
-"""The `hvbridge` command line (SPEC 2): run, check, forward, connect, hyperv.
+"""The `hvbridge` command line (docs/reference.md, "Command line"): run, check, forward, connect, hyperv.
 
 This module owns argument parsing and exit codes; service.py runs the daemon (signals, reload,
 shutdown, workers). Exit status:
@@ -13,14 +13,15 @@ import functools
 import logging
 import os
 import re
+import signal
 import socket
 from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar, final
 
 import click
 import trio
 
-from hvbridge import __version__, endpoints, metrics, service
-from hvbridge.addresses import Address, StdioAddress, VsockAddress, parse_address
+from hvbridge import __version__, endpoints, hyperv, metrics, service, sshconfig
+from hvbridge.addresses import VMADDR_PORT_ANY, Address, StdioAddress, VsockAddress, parse_address
 from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import (
     COMMAND_LINE,
@@ -194,6 +195,7 @@ def main() -> None:
     hvbridge connect ENDPOINT          stdin/stdout <-> ENDPOINT (ssh ProxyCommand)
     hvbridge probe -c routes.toml      ask a running daemon whether every route listens
     hvbridge hyperv guid 22            Hyper-V helpers (service GUIDs, registry, VM ids)
+    hvbridge ssh-config                ssh_config block for `ssh vsock/3`, `ssh unix/PATH`
 
     -v, -q, --log-format and -c may come before or after the command name.
     """
@@ -226,7 +228,10 @@ def run(
     quiet: int,
     log_format: LogFormat | None,
 ) -> None:
-    """Run every route of the route table until SIGINT/SIGTERM; SIGHUP reloads the file."""
+    """Run every route of the route table until SIGINT/SIGTERM (Ctrl-C/Ctrl-Break on Windows).
+
+    SIGHUP reloads the file; Windows has no SIGHUP: use --watch there.
+    """
     table = load_config(config_path, config_format)
     load = functools.partial(load_config, config_path, config_format)
     _serve(table, verbose, quiet, log_format, config_path=config_path, load=load, watch=watch, workers=workers)
@@ -258,6 +263,10 @@ def check(
         click.echo(f"# {vsock.describe_local_cid()}")
     for route in table.routes:
         for key, address in (("listen", route.listen), ("connect", route.connect)):
+            if isinstance(address, VsockAddress) and address.port != VMADDR_PORT_ANY:
+                problem = hyperv.hyperv_port_problem(address.port)
+                if problem is not None:
+                    click.echo(f"warning: routes.{route.name}.{key}: under Hyper-V, {problem}", err=True)
             why = endpoints.unavailable_reason(address)
             if why is not None:
                 click.echo(
@@ -287,6 +296,14 @@ def check(
 )
 @click.option("--allow", multiple=True, help="Peer allowed to connect (CIDR, cid:N, vm:GUID); repeatable.")
 @click.option("--mode", default=None, help="File mode of a unix:///PATH listener, e.g. 0660.  [default: 0600]")
+@click.option(
+    "--proxy-protocol",
+    type=click.Choice(["none", "v1", "v2"]),
+    default="none",
+    show_default=True,
+    help="Send the backend a PROXY protocol header describing the client.",
+)
+@click.option("--accept-proxy", is_flag=True, help="Read a PROXY protocol header from each client first.")
 @_workers
 @_verbose
 @_quiet
@@ -302,6 +319,8 @@ def forward(
     half_close: bool,
     allow: tuple[str, ...],
     mode: str | None,
+    proxy_protocol: str,
+    accept_proxy: bool,
     workers: int,
     verbose: int,
     quiet: int,
@@ -316,6 +335,8 @@ def forward(
         "idle_timeout": idle_timeout,
         "max_connections": max_connections,
         "half_close": half_close,
+        "proxy_protocol": proxy_protocol,
+        "accept_proxy": accept_proxy,
     }
     if allow:
         route["allow"] = list(allow)
@@ -339,6 +360,12 @@ def _command_line_route(route: dict[str, object]) -> RouteTable:
 
 @main.command(name="connect", short_help="Relay stdin/stdout to ENDPOINT (ssh ProxyCommand).")
 @click.argument("endpoint")
+@click.argument("port", required=False)
+@click.option(
+    "--fdpass",
+    is_flag=True,
+    help="Hand the connected socket to ssh over stdout and exit (ProxyUseFdpass; Linux, else relays).",
+)
 @_connect_timeout
 @click.option(
     "--connect-retries", type=click.IntRange(0, 100), default=0, show_default=True, help="Extra connect attempts."
@@ -349,6 +376,8 @@ def _command_line_route(route: dict[str, object]) -> RouteTable:
 @_user_errors
 def connect_command(
     endpoint: str,
+    port: str | None,
+    fdpass: bool,
     connect_timeout: float,
     connect_retries: int,
     verbose: int,
@@ -357,17 +386,18 @@ def connect_command(
 ) -> None:
     """Relay stdin/stdout to ENDPOINT until both ways are done (e.g. as ssh ProxyCommand).
 
+    ENDPOINT PORT is also ssh's `%h %p`: vsock/CID, vsock-mux/PATH, hvsock/VM or unix/PATH.
     EOF on stdin (or stdin closed) is passed on to ENDPOINT, and the other way keeps flowing.
     Exit status: 0 when both ways ended with EOF; 1 when either side failed or reset, with one
     line saying which; 130 on Ctrl-C (SIGINT).
     """
-    target = _connect_target(endpoint)
+    target = _connect_target(sshconfig.endpoint_for(endpoint, port))
     options = RouteOptions(connect_timeout=connect_timeout, connect_retries=connect_retries)
     # Quiet by default: ssh shows a ProxyCommand's stderr to its user.
     setup_logging(_log_level(verbose, quiet, "warning"), log_format or "text")
     _stdin_at_eof_if_closed()
     try:
-        failure = trio.run(_connect_stdio, target, options)
+        failure = trio.run(functools.partial(_connect_stdio, target, options, fdpass=fdpass))
     except BaseException as exc:
         if not _interrupted(exc):
             raise
@@ -416,9 +446,36 @@ def _interrupted(exc: BaseException) -> bool:
     return isinstance(exc, BaseExceptionGroup) and exc.split(KeyboardInterrupt)[0] is not None
 
 
-async def _connect_stdio(target: Address, options: RouteOptions) -> str | None:
-    """Connect, relay stdin/stdout, and say what failed (None: both ways ended with EOF)."""
+async def _connect_stdio(target: Address, options: RouteOptions, *, fdpass: bool = False) -> str | None:
+    """_relay_stdio() until it ends or SIGINT comes: then it is cancelled (closing both streams) and
+    KeyboardInterrupt raised. Taking SIGINT as a signal, not as trio's KeyboardInterrupt raised
+    wherever the code happens to be, keeps it out of half-built objects (such as a stdio stream).
+    """
+    result: list[str | None] = []
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def relay_then_stop() -> None:
+                result.append(await _relay_stdio(target, options, fdpass=fdpass))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(relay_then_stop)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                raise KeyboardInterrupt
+    return result[0]
+
+
+async def _relay_stdio(target: Address, options: RouteOptions, *, fdpass: bool) -> str | None:
+    """Connect, relay stdin/stdout (or pass the socket to ssh), and say what failed (None: all went well)."""
     backend = await _open_target(target, options)
+    channel = sshconfig.stdout_socket() if fdpass and sshconfig.fdpass_supported() else None
+    sock = getattr(backend, "socket", None)
+    if channel is not None and sock is not None:
+        with channel:
+            sshconfig.pass_fd(channel, sock.fileno())
+        await trio.aclose_forcefully(backend)  # ssh holds its own copy now
+        return None
     stdio = _StdioSides(endpoints.open_stdio_stream())
     result = await relay(stdio, backend, half_close=True)
     event(
@@ -496,6 +553,18 @@ class _StdioSides(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         """Close both."""
         await self.stream.aclose()
+
+
+@main.command(name="ssh-config", short_help="Print an ssh_config block so that `ssh vsock/3` just works.")
+@click.option(
+    "--fdpass/--no-fdpass",
+    default=None,
+    help="ProxyUseFdpass: no hvbridge process stays per session (default: on Linux).",
+)
+def ssh_config(fdpass: bool | None) -> None:
+    """Print an ssh_config block so that `ssh vsock/3`, `ssh unix/PATH`, ... just work."""
+    use_fdpass = sshconfig.fdpass_supported() if fdpass is None else fdpass
+    click.echo(sshconfig.render(sshconfig.hvbridge_command(), fdpass=use_fdpass), nl=False)
 
 
 def _serve(

@@ -1,4 +1,4 @@
-"""The `hvbridge hyperv` command group (SPEC 2): GUID <-> port, the service registry, VM ids.
+"""The `hvbridge hyperv` command group (docs/reference.md, "Command line"): GUID <-> port, the service registry, VM ids.
 
 This module owns the `hyperv` subcommands and what they print. The logic lives in hyperv.py;
 here are only arguments, output and errors. The registry and the VM lookup come from a
@@ -99,7 +99,18 @@ def _guid(ctx: click.Context, param: click.Parameter, value: str | None) -> uuid
         ) from None
 
 
+#: Any port the vsock template can carry (to unregister an entry whatever its port).
 PORT = click.IntRange(0, hyperv.MAX_VSOCK_PORT)
+#: Checked by _hyperv_port, whose message says why the upper bound is 0x7FFFFFFF.
+HYPERV_PORT = click.IntRange(min=0)
+
+
+def _hyperv_port(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """A vsock port a Hyper-V socket can reach (0..0x7FFFFFFF); a higher one is exit status 2."""
+    problem = None if value is None else hyperv.hyperv_port_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem, ctx, param)
+    return value
 
 
 def _describe(entry: hyperv.ServiceEntry) -> str:
@@ -127,7 +138,7 @@ def hyperv_group() -> None:
 
 
 @hyperv_group.command("guid", short_help="Print the Hyper-V service GUID of vsock PORT.")
-@click.argument("port", type=PORT)
+@click.argument("port", type=HYPERV_PORT, callback=_hyperv_port)
 def guid_command(port: int) -> None:
     """Print the Hyper-V service GUID of vsock PORT (2761 -> 00000ac9-facb-11e6-bd58-64006a7986d3)."""
     click.echo(str(hyperv.service_id_for_port(port)))
@@ -148,7 +159,9 @@ def port_command(service: uuid.UUID) -> None:
 
 @hyperv_group.command("register", short_help="Register a service GUID so VMs may use it (admin).")
 @click.option("--name", required=True, help="Friendly name (ElementName), e.g. 'hvbridge ssh'.")
-@click.option("--port", type=PORT, help="Register the GUID of this vsock port (Linux guests).")
+@click.option(
+    "--port", type=HYPERV_PORT, callback=_hyperv_port, help="Register the GUID of this vsock port (Linux guests)."
+)
 @click.option("--service", callback=_guid, metavar="GUID", help="Register this service GUID.")
 @_user_errors
 def register_command(name: str, port: int | None, service: uuid.UUID | None) -> None:

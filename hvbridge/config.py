@@ -1,4 +1,4 @@
-"""Route tables: the TOML/YAML text of SPEC 3 in, a frozen RouteTable or a ConfigError out.
+"""Route tables: the TOML/YAML text of docs/reference.md, "Route table" in, a frozen RouteTable or a ConfigError out.
 
 This module owns the route table's schema, its defaults and every message about a bad file.
 It is pure: it never imports trio and never creates sockets. parse_config() reports every
@@ -6,7 +6,7 @@ problem in one pass, each as `FILE:LINE: routes.NAME.KEY: what is wrong; what is
 
 Rules kept here:
 - Any text given to parse_config() gives a RouteTable or a ConfigError, never another
-  exception, and in bounded time and memory (issue 6): files over 1 MiB are refused; YAML
+  exception, and in bounded time and memory, whoever wrote the file: files over 1 MiB are refused; YAML
   aliases (billion laughs) and explicit YAML tags other than !!str/!!seq/!!map are refused,
   and YAML depth and node count are bounded while ruamel.yaml composes; TOML dotted keys of
   many parts (quadratic in tomllib) are refused before parsing, and TOML nested too deep for
@@ -17,7 +17,7 @@ Rules kept here:
   dropped, since dropping a filter would let peers in.
 - Parsed data is `object` and narrowed with isinstance by one small parser per key. cattrs is
   not used: its structuring errors name Python types and carry no line numbers, and every
-  message SPEC 3.3 asks for ("did you mean", host bits set, reported once at defaults.KEY)
+  message docs/reference.md, "Validation" promises ("did you mean", host bits set, reported once at defaults.KEY)
   would need a hand-written hook per key anyway.
 - Line numbers: YAML from ruamel.yaml's node marks; tomllib has no positions, so a light scan
   of the text finds each `[table]` header and `KEY =` line (best effort; a problem whose key
@@ -34,7 +34,9 @@ import difflib
 import ipaddress
 import json
 import math
+import ntpath
 import os
+import posixpath
 import re
 import stat
 import sys
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
 Format = Literal["toml", "yaml"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+ProxyProtocol = Literal["none", "v1", "v2"]
 
 
 @attrs.frozen
@@ -119,6 +122,10 @@ class RouteOptions:
     group: str | None = None
     vsock_buffer_size: int | None = None
     connected_suspend: bool = False
+    #: Send the backend a PROXY protocol header first: "v1", "v2", or "none".
+    proxy_protocol: ProxyProtocol = "none"
+    #: Read a PROXY protocol header from each client first (behind a load balancer).
+    accept_proxy: bool = False
 
 
 @attrs.frozen
@@ -139,6 +146,7 @@ class BridgeSettings:
     log_format: LogFormat = "text"
     metrics: Address | None = None
     shutdown_grace: float = 10.0
+    log_file: str | None = None
 
 
 @attrs.frozen
@@ -157,7 +165,8 @@ _Path = tuple[str, ...]
 
 #: The source of a table built from a command's arguments (`forward`): it has no route names of its own.
 COMMAND_LINE: Final = "<command line>"
-#: Larger files are refused before parsing (SPEC 3: a route table is a small hand-written file).
+#: Larger files are refused before parsing (docs/reference.md, "Route table": a route table is a
+#: small hand-written file).
 MAX_FILE_BYTES: Final = 1024 * 1024
 # A route table nests 4 levels (routes.NAME.allow[i]); these bound what ruamel.yaml composes.
 _MAX_YAML_DEPTH: Final = 32
@@ -252,7 +261,7 @@ def load_config(path: str | os.PathLike[str], fmt: Format | None = None) -> Rout
 
 
 def parse_config(text: str, *, fmt: Format, source: str) -> RouteTable:
-    """Validate the text of a route table (SPEC 3) and resolve its defaults.
+    """Validate the text of a route table (docs/reference.md, "Route table") and resolve its defaults.
 
     Args:
         text: The whole file.
@@ -316,6 +325,8 @@ def format_table(table: RouteTable) -> str:
         f"log_level = {_toml_string(bridge.log_level)}",
         f"log_format = {_toml_string(bridge.log_format)}",
     ]
+    if bridge.log_file is not None:
+        lines.append(f"log_file = {_toml_string(bridge.log_file)}")
     if bridge.metrics is not None:
         lines.append(f"metrics = {_toml_string(str(bridge.metrics))}")
     lines.append(f"shutdown_grace = {_toml_string(_format_duration(bridge.shutdown_grace))}")
@@ -769,6 +780,7 @@ def _bridge(value: object, report: _Report) -> BridgeSettings:
     return BridgeSettings(
         log_level=_pick(values, "log_level", default.log_level),
         log_format=_pick(values, "log_format", default.log_format),
+        log_file=_pick(values, "log_file", default.log_file),
         metrics=_pick(values, "metrics", default.metrics),
         shutdown_grace=_pick(values, "shutdown_grace", default.shutdown_grace),
     )
@@ -844,7 +856,7 @@ def _check_applies(
     path: _Path,
     report: _Report,
 ) -> None:
-    """Cross-check the options against the route's endpoints (SPEC 3.2)."""
+    """Cross-check the options against the route's endpoints (docs/reference.md, "Who may connect")."""
     unix_listener = isinstance(listen, UnixAddress | VsockMuxAddress)
     abstract = isinstance(listen, UnixAddress) and listen.abstract
     for key in ("mode", "owner", "group"):
@@ -878,7 +890,7 @@ def _check_applies(
         report.add((*path, "allow"), message)
 
 
-# What an allow list may hold, per listener family that can tell its peers apart (SPEC 3.2).
+# What an allow list may hold, per listener family that can tell its peers apart (docs/reference.md, "Who may connect").
 _ALLOW_FITS: Final[dict[type, tuple[tuple[type, ...], str]]] = {
     TcpAddress: ((ipaddress.IPv4Network, ipaddress.IPv6Network), "CIDRs such as '127.0.0.0/8' or '::1'"),
     VsockAddress: ((CidRule,), "cid:N rules"),
@@ -934,7 +946,7 @@ def _bind_keys(address: Address, resolve: Resolve | None) -> list[_BindKey]:
             return [("unix-abstract", 0, address.path, False)]
         case UnixAddress():
             return [("unix", 0, os.path.normpath(address.path), False)]
-        case VsockMuxAddress():  # the listen side binds PATH_PORT (SPEC 3.1)
+        case VsockMuxAddress():  # the listen side binds PATH_PORT (docs/reference.md, "Endpoints")
             return [("unix", 0, os.path.normpath(f"{address.path}_{address.port}"), False)]
         case HyperVAddress(vm=vm, service_id=service):
             return [("hvsock", service, vm.casefold() if isinstance(vm, str) else vm, vm == _HV_WILDCARD)]
@@ -1044,6 +1056,8 @@ def _route_options(values: Mapping[str, object]) -> RouteOptions:
         group=_pick(values, "group", default.group),
         vsock_buffer_size=_pick(values, "vsock_buffer_size", default.vsock_buffer_size),
         connected_suspend=_pick(values, "connected_suspend", default.connected_suspend),
+        proxy_protocol=_pick(values, "proxy_protocol", default.proxy_protocol),
+        accept_proxy=_pick(values, "accept_proxy", default.accept_proxy),
     )
 
 
@@ -1144,6 +1158,10 @@ def _route_items(route: Route) -> Iterator[tuple[str, str]]:
         yield "vsock_buffer_size", _toml_size(options.vsock_buffer_size)
     if HyperVAddress in (type(route.listen), type(route.connect)) or options.connected_suspend:
         yield "connected_suspend", _toml_bool(options.connected_suspend)
+    if options.proxy_protocol != default.proxy_protocol:
+        yield "proxy_protocol", _toml_string(options.proxy_protocol)
+    if options.accept_proxy:
+        yield "accept_proxy", "true"
 
 
 def _toml_bool(value: bool) -> str:
@@ -1162,6 +1180,17 @@ def _parse_endpoint(value: object, role: Role) -> Address:
         return parse_address(value, role=role)
     except AddressError as exc:
         raise _Invalid(str(exc)) from None
+
+
+def _parse_log_file(value: object) -> str:
+    # Absolute in either form: a scheduled task or service starts in C:\Windows\System32 and a
+    # unit in /, so a relative path would land there. ntpath also reads C:/x and \\server\share.
+    if not isinstance(value, str) or "\0" in value or not (posixpath.isabs(value) or ntpath.isabs(value)):
+        raise _Invalid(
+            f"got {_describe(value)}; expected an absolute file path such as"
+            " 'C:\\ProgramData\\hvbridge\\hvbridge.log' or '/var/log/hvbridge.log'"
+        )
+    return value
 
 
 def _parse_metrics(value: object) -> Address:
@@ -1322,11 +1351,14 @@ _OPTION_PARSERS: Final[dict[str, Callable[[object], object]]] = {
     "group": _id_parser("group"),
     "vsock_buffer_size": _size_parser(_KIB, _GIB, "256KiB"),
     "connected_suspend": _parse_bool,
+    "proxy_protocol": _choice_parser(get_args(ProxyProtocol)),
+    "accept_proxy": _parse_bool,
 }
 
 _BRIDGE_PARSERS: Final[dict[str, Callable[[object], object]]] = {
     "log_level": _choice_parser(get_args(LogLevel)),
     "log_format": _choice_parser(get_args(LogFormat)),
+    "log_file": _parse_log_file,
     "metrics": _parse_metrics,
     "shutdown_grace": _duration_parser(f"a duration ({_DURATION_FORMS}, such as '10s')"),
 }

@@ -5,10 +5,10 @@ modules (vsock.py, hvsock.py). It turns OSError into EndpointError with a messag
 what to do, keeping the cause. Everything here returns trio streams and listeners; the relay
 never learns which family it pumps.
 
-Unix listener files (SPEC 3.2): created with the route's mode (default 0600) and owner/group;
-an existing *socket* file is replaced only when nothing accepts on it (stale); any other kind
-of file, or a symlink, is an error and is never deleted or followed. The file is removed when
-the listener closes, if it is still ours.
+Unix listener files (docs/reference.md, "Who may connect"): created with the route's mode
+(default 0600) and owner/group; an existing *socket* file is replaced only when nothing accepts
+on it (stale); any other kind of file, or a symlink, is an error and is never deleted or
+followed. The file is removed when the listener closes, if it is still ours.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import grp
 import ipaddress
 import os
-import pwd
 import socket
 import stat
+import sys
+import threading
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeAlias, assert_never, final
+from typing import TYPE_CHECKING, Final, TypeAlias, TypeVar, assert_never, final
 
 import attrs
 import trio
@@ -40,10 +40,15 @@ from hvbridge.addresses import (
 from hvbridge.config import RouteOptions
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
 
+if TYPE_CHECKING:
+    import grp
+    import pwd
+
 Stream: TypeAlias = trio.abc.HalfCloseableStream
 Listener: TypeAlias = trio.abc.Listener[Stream]
 OpenListeners: TypeAlias = Callable[[Address, RouteOptions], Awaitable[list[Listener]]]
 Connect: TypeAlias = Callable[[Address, RouteOptions], Awaitable[Stream]]
+_T = TypeVar("_T")
 
 #: connect() errors that mean "the backend is not there (yet)": logged as such, retried.
 UNAVAILABLE_ERRNOS: Final = frozenset(
@@ -134,12 +139,23 @@ def translate_connect_error(address: Address, exc: OSError) -> EndpointError:
         return BackendUnavailable(str(address), "connect", f"cannot resolve host name: {exc.strerror}")
     errnos = {exc.errno} | {getattr(e, "errno", None) for e in _sub_errors(exc)}
     # trio's "all attempts to connect to HOST:PORT failed" hides why; the per-address errors say it.
-    reasons = dict.fromkeys(os.strerror(e.errno) for e in _sub_errors(exc) if isinstance(e, OSError) and e.errno)
+    reasons = dict.fromkeys(error_text(e.errno) for e in _sub_errors(exc) if isinstance(e, OSError) and e.errno)
     # trio's socket connect() says "Error connecting to ADDRESS: REASON"; the address is logged anyway.
-    message = os.strerror(exc.errno) if exc.errno else exc.strerror or "; ".join(reasons) or str(exc)
+    message = error_text(exc.errno) if exc.errno else exc.strerror or "; ".join(reasons) or str(exc)
     if errnos & UNAVAILABLE_ERRNOS:
         return BackendUnavailable(str(address), "connect", f"backend unavailable ({message})")
     return EndpointError(str(address), "connect", message)
+
+
+def error_text(code: int) -> str:
+    """The text for an errno, readable on Windows too.
+
+    os.strerror() on Windows knows only the C library's codes and says "Unknown error" for the
+    Winsock ones (10061 WSAECONNREFUSED...), which trio puts in its messages; the socket module
+    has their text there (socket.errorTab, Windows only).
+    """
+    table: dict[int, str] = getattr(socket, "errorTab", {})
+    return table[code].rstrip(".") if code in table else os.strerror(code)
 
 
 def _sub_errors(exc: OSError) -> list[BaseException]:
@@ -177,7 +193,7 @@ async def _connect_tcp(address: TcpAddress) -> Stream:
             # A name: resolve it now (per connection) and try its addresses happy-eyeballs style.
             return await trio.open_tcp_stream(address.host, address.port)
         # An IP literal has one address to try: a plain connect skips open_tcp_stream's
-        # nursery and resolver round trip, which is most of a short connection's cost (issue 7).
+        # nursery and resolver round trip, which is most of a short connection's cost.
         sock = trio.socket.socket(family, socket.SOCK_STREAM)
         try:
             await sock.connect((address.host, address.port))
@@ -252,6 +268,8 @@ class UnixListener(trio.abc.Listener[Stream]):
 
 
 def open_unix_listener(address: UnixAddress, options: RouteOptions) -> UnixListener:
+    if (why := unavailable_reason(address)) is not None:
+        raise family_unavailable(address, why)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound = False
     try:
@@ -337,6 +355,9 @@ def _clear_stale_socket(address: UnixAddress) -> None:
 def _apply_owner(address: UnixAddress, options: RouteOptions) -> None:
     if options.owner is None and options.group is None:
         return
+    import grp  # Unix only, like owner/group themselves: imported here so the module imports on Windows
+    import pwd
+
     uid = _lookup(options.owner, pwd.getpwnam, "owner", address) if options.owner else -1
     gid = _lookup(options.group, grp.getgrnam, "group", address) if options.group else -1
     os.chown(address.path, uid, gid, follow_symlinks=False)
@@ -360,6 +381,8 @@ def _lookup(
 
 
 async def _connect_unix(address: UnixAddress) -> Stream:
+    if (why := unavailable_reason(address)) is not None:
+        raise family_unavailable(address, why)
     try:
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:  # EMFILE/ENFILE: fail this connection, never the process
@@ -383,9 +406,90 @@ def open_stdio_stream() -> Stream:
 
     send_eof() closes our copy of stdout, so the reader on the other end sees EOF.
     """
+    if sys.platform == "win32":  # pragma: no cover - Windows only (trio has no FdStream there)
+        return ThreadFdStream(0, 1)
     stdin = trio.lowlevel.FdStream(os.dup(0))
     stdout = trio.lowlevel.FdStream(os.dup(1))
     return trio.StapledStream(stdout, stdin)
+
+
+@final
+class ThreadFdStream(Stream):
+    """A reading and a writing file descriptor as one stream, each read and write in a worker thread.
+
+    For `hvbridge connect` on Windows: trio has no FdStream there, and pipes and consoles have
+    no readiness to wait on, so each call blocks a thread (in binary mode: Python sets it on the
+    standard descriptors). A cancelled call abandons its thread, which ends with the call or with
+    the process; a descriptor is closed only once no call is using it. The stream owns both
+    descriptors: send_eof() closes the writing one, so the reader on the other end sees EOF.
+    """
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self._lock = threading.Lock()
+        self._fds: dict[str, int | None] = {"read": read_fd, "write": write_fd}
+        self._busy: set[str] = set()
+        self._closing: set[str] = set()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._call("read", lambda fd: os.read(fd, max_bytes or 65536))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            sent = await self._call("write", functools.partial(_write, view))
+            view = view[sent:]
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        self._close("write")
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        self._close("read")
+        self._close("write")
+        await trio.lowlevel.checkpoint()
+
+    async def _call(self, end: str, call: Callable[[int], _T]) -> _T:
+        with self._lock:
+            fd = self._fds[end]
+            if fd is None or end in self._busy:
+                raise (
+                    trio.ClosedResourceError(f"the {end} end is closed")
+                    if fd is None
+                    else trio.BusyResourceError(f"another task is using the {end} end")
+                )
+            self._busy.add(end)
+
+        def run() -> _T:
+            try:
+                return call(fd)
+            finally:
+                with self._lock:
+                    self._busy.discard(end)
+                    if end in self._closing:
+                        self._closing.discard(end)
+                        os.close(fd)
+
+        try:
+            return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+        except OSError as exc:  # EPIPE/EINVAL: the other end went away
+            raise trio.BrokenResourceError(f"{end} failed: {exc.strerror or exc}") from exc
+
+    def _close(self, end: str) -> None:
+        with self._lock:
+            fd, self._fds[end] = self._fds[end], None
+            if fd is None:
+                return
+            if end in self._busy:
+                self._closing.add(end)  # the thread still in the call closes it when it returns
+                return
+        os.close(fd)
+
+
+def _write(data: memoryview, fd: int) -> int:
+    return os.write(fd, data)
 
 
 # ---------------------------------------------------------------------------------- addresses
@@ -441,7 +545,10 @@ def unavailable_reason(address: Address) -> str | None:
             from hvbridge import hvsock
 
             return hvsock.unavailable_reason()
-        case TcpAddress() | UnixAddress() | VsockMuxAddress() | StdioAddress():
+        case UnixAddress() | VsockMuxAddress():
+            if not hasattr(socket, "AF_UNIX"):
+                return "Unix sockets need AF_UNIX, which Python has not here (CPython on Windows); use tcp://127.0.0.1:PORT"
+        case TcpAddress() | StdioAddress():
             pass
         case _:
             assert_never(address)

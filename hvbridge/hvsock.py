@@ -12,11 +12,13 @@ Rules:
    HV_PROTOCOL_RAW. GUIDs are compared as uuid.UUID. A VM name is resolved to its VmId
    through hyperv.VmResolver (cached, run in a worker thread); after a connect fails the
    name is resolved again (at most every min_refresh seconds), and if the VmId changed (VM
-   recreated, WSL restarted) the connect is tried once more.
+   recreated, WSL restarted) the connect is tried once more. A listener on a VM name looks
+   the name up again on reload, every VM_RECHECK_INTERVAL while idle and after an accept()
+   error, and rebinds to a new VmId (HvSocketListener.refresh).
 3. Options: HVSOCKET_CONNECT_TIMEOUT (ms, at most HVSOCKET_CONNECT_TIMEOUT_MAX) from the route's
    connect_timeout; HVSOCKET_CONNECTED_SUSPEND when connected_suspend is set (on the listening
    socket and again on each accepted one, since inheritance is undocumented).
-4. I/O model (SPEC 6, issue 4): whether trio's readiness waiting works on AF_HYPERV sockets is
+4. I/O model: whether trio's readiness waiting works on AF_HYPERV sockets is
    unproven. The first hvsock endpoint probes it once per process (a listener and a
    connection on HV_GUID_LOOPBACK exchanging bytes both ways and an EOF, under PROBE_TIMEOUT).
    If it works, hvsock sockets are ordinary trio sockets (trio.SocketStream, the relay's fast
@@ -37,8 +39,10 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
+import math
 import os
 import random
 import socket
@@ -79,6 +83,47 @@ IO_MODEL_ENV: Final = "HVBRIDGE_HVSOCK_IO"
 DEFAULT_RECEIVE_SIZE: Final = 64 * 1024
 _BACKLOG: Final = 4096  # as endpoints.py; Windows clamps it to SOMAXCONN
 _PROBE_PAYLOAD: Final = b"hvbridge readiness probe"
+#: accept() errors that concern one connection, not the listener: the next accept() may work.
+#: The errno names trio.SocketListener ignores (trio/_highlevel_socket.py,
+#: _ignorable_accept_errno_names), so both I/O models treat them alike. On Windows, CPython's
+#: errno module gives these names their WSA numbers (Modules/errnomodule.c); the WSA numbers
+#: are also listed so that the set is the same everywhere. Winsock's accept() fails with
+#: WSAECONNRESET when a connection "was subsequently terminated by the remote peer prior to
+#: accepting the call" (Microsoft, accept function documentation).
+_ACCEPT_TRANSIENT_NAMES: Final = (
+    "EPERM",
+    "ECONNABORTED",
+    "EPROTO",
+    "ENETDOWN",
+    "ENOPROTOOPT",
+    "EHOSTDOWN",
+    "ENONET",
+    "EHOSTUNREACH",
+    "EOPNOTSUPP",
+    "ENETUNREACH",
+    "ENOSR",
+    "ESOCKTNOSUPPORT",
+    "EPROTONOSUPPORT",
+    "ETIMEDOUT",
+    "ECONNRESET",
+)
+_WSA_ACCEPT_TRANSIENT: Final = {
+    "WSAENOPROTOOPT": 10042,
+    "WSAEPROTONOSUPPORT": 10043,
+    "WSAESOCKTNOSUPPORT": 10044,
+    "WSAEOPNOTSUPP": 10045,
+    "WSAENETDOWN": 10050,
+    "WSAENETUNREACH": 10051,
+    "WSAECONNABORTED": 10053,
+    "WSAECONNRESET": 10054,
+    "WSAETIMEDOUT": 10060,
+    "WSAEHOSTDOWN": 10064,
+    "WSAEHOSTUNREACH": 10065,
+}
+ACCEPT_TRANSIENT_ERRNOS: Final = frozenset(
+    {getattr(errno, name) for name in _ACCEPT_TRANSIENT_NAMES if hasattr(errno, name)}
+    | set(_WSA_ACCEPT_TRANSIENT.values())
+)
 # closesocket() cancels blocking calls in other threads on Windows; on Linux close() does not
 # wake them (shutdown() does), and the descriptor number could be reused under them.
 _CLOSE_CANCELS_BLOCKING_CALLS: Final = sys.platform == "win32"
@@ -184,8 +229,15 @@ def set_vm_lookup(lookup: hyperv.VmLookup | None) -> None:
     _resolver = None if lookup is None else hyperv.VmResolver(lookup)
 
 
-async def resolve_vm_id(vm: uuid.UUID | str, *, refresh: bool = False) -> uuid.UUID:
+async def resolve_vm_id(
+    vm: uuid.UUID | str, *, refresh: bool = False, resolver: hyperv.VmResolver | None = None
+) -> uuid.UUID:
     """The VmId of `vm` (a GUID passes through), resolved in a worker thread.
+
+    Args:
+        vm: A VmId or a VM name.
+        refresh: Ask again instead of using the cache (see hyperv.VmResolver.resolve).
+        resolver: Where names are resolved; None for the process-wide vm_resolver().
 
     Raises:
         hyperv.VmLookupError: The name cannot be resolved.
@@ -193,19 +245,21 @@ async def resolve_vm_id(vm: uuid.UUID | str, *, refresh: bool = False) -> uuid.U
     if isinstance(vm, uuid.UUID):
         await trio.lowlevel.checkpoint()
         return vm
-    resolve = functools.partial(vm_resolver().resolve, vm, refresh=refresh)
+    resolve = functools.partial((resolver or vm_resolver()).resolve, vm, refresh=refresh)
     return await trio.to_thread.run_sync(resolve, abandon_on_cancel=True)
 
 
-async def _resolve_for(address: HyperVAddress, op: str, *, refresh: bool = False) -> uuid.UUID:
+async def _resolve_for(
+    address: HyperVAddress, op: str, *, refresh: bool = False, resolver: hyperv.VmResolver | None = None
+) -> uuid.UUID:
     try:
-        return await resolve_vm_id(address.vm, refresh=refresh)
+        return await resolve_vm_id(address.vm, refresh=refresh, resolver=resolver)
     except hyperv.VmLookupError as exc:
         raise EndpointError(str(address), op, str(exc)) from exc
 
 
 async def peer_vm_allowed(rules: Sequence[uuid.UUID | str], sockaddr: object) -> bool:
-    """Whether an accepted hvsock peer passes `allow = ["vm:..."]` rules (SPEC 3.2).
+    """Whether an accepted hvsock peer passes `allow = ["vm:..."]` rules (docs/reference.md, "Who may connect").
 
     Args:
         rules: The VmRule values: VmIds (HV_GUID_ZERO admits all) or VM names.
@@ -258,9 +312,39 @@ async def probe_readiness(
 
     Returns:
         IoProbe("readiness") if all of it worked, else IoProbe("threads") with the failure.
-        Any exception counts as a failure: finding unknown failures is the probe's purpose.
+        Any exception counts as a failure, closing a probe socket included: finding unknown
+        failures is the probe's purpose.
     """
     sockets: list[trio.socket.SocketType] = []
+    try:
+        probe = await _exchange(family, proto, bind_address, time_limit, sockets)
+    finally:
+        cleanup = _close_each(sockets)
+    if cleanup is not None and probe.model == "readiness":
+        return IoProbe("threads", f"readiness probe could not close its sockets: {cleanup}")
+    return probe
+
+
+def _close_each(sockets: Sequence[trio.socket.SocketType]) -> str | None:
+    """Close every socket, each under its own guard; describe the first failure, if any.
+
+    A provider that misbehaves under readiness waiting may well fail in close() too, and that
+    must neither leak the other sockets nor escape the probe.
+    """
+    failure = None
+    for sock in sockets:
+        try:
+            sock.close()
+        except Exception as exc:
+            logger.debug("closing a readiness probe socket failed", exc_info=True)
+            failure = failure or _describe(exc)
+    return failure
+
+
+async def _exchange(
+    family: int, proto: int, bind_address: object, time_limit: float, sockets: list[trio.socket.SocketType]
+) -> IoProbe:
+    """The probe itself; every socket it opens is appended to `sockets` for the caller to close."""
     try:
         with trio.fail_after(time_limit):
             listener = trio.socket.socket(family, socket.SOCK_STREAM, proto)
@@ -287,9 +371,6 @@ async def probe_readiness(
     except Exception as exc:
         logger.debug("readiness probe failed", exc_info=True)
         return IoProbe("threads", f"readiness probe failed: {_describe(exc)}")
-    finally:
-        for sock in sockets:
-            sock.close()
     return IoProbe("readiness", "trio readiness waiting works (loopback probe)")
 
 
@@ -598,6 +679,9 @@ class ThreadSocketListener(trio.abc.Listener[Stream]):
     async def accept(self) -> ThreadSocketStream:
         """Accept one connection.
 
+        accept() errors that concern one connection (ACCEPT_TRANSIENT_ERRNOS, e.g. a peer that
+        reset before it was accepted) are logged at debug level and the next one is accepted.
+
         Raises:
             trio.ClosedResourceError: The listener is closed.
             OSError: accept() failed (trio.serve_listeners retries EMFILE and friends).
@@ -606,18 +690,22 @@ class ThreadSocketListener(trio.abc.Listener[Stream]):
             raise trio.BusyResourceError("another task is already accepting on this listener")
         self._accepting = True
         try:
-            if self._pump.closed:
-                raise trio.ClosedResourceError("the listener is closed")
-            if self._accept_call is None:
-                self._accept_call = await self._pump.start(self.socket.accept, _close_accepted)
-            call = self._accept_call
-            try:
-                conn, _ = await self._pump.wait(call)
-            except OSError:
-                self._accept_call = None  # accept() failed; the next call starts a new one
-                raise
-            self._accept_call = None
-            return ThreadSocketStream(conn, self._limiter)
+            while True:
+                if self._pump.closed:
+                    raise trio.ClosedResourceError("the listener is closed")
+                if self._accept_call is None:
+                    self._accept_call = await self._pump.start(self.socket.accept, _close_accepted)
+                call = self._accept_call
+                try:
+                    conn, _ = await self._pump.wait(call)
+                except OSError as exc:
+                    self._accept_call = None  # accept() failed; the next call starts a new one
+                    if exc.errno not in ACCEPT_TRANSIENT_ERRNOS:
+                        raise
+                    logger.debug("accept() failed for one connection, accepting the next: %s", exc)
+                    continue
+                self._accept_call = None
+                return ThreadSocketStream(conn, self._limiter)
         finally:
             self._accepting = False
 
@@ -667,11 +755,23 @@ def route_limiter(options: RouteOptions) -> trio.CapacityLimiter:
 # ------------------------------------------------------------------------- listen / connect
 
 
+#: How often a listener on a VM *name* looks the name up again while it waits for connections.
+#: WSL gives its VM a new VmId each time it starts, and a recreated Hyper-V VM has a new one:
+#: a socket bound to the old VmId then silently receives nothing. Each look-up is a PowerShell
+#: or wsl.exe process, and the resolver's min_refresh bounds how often one really runs.
+VM_RECHECK_INTERVAL: Final = 60.0
+
+
 @final
 class HvSocketListener(trio.abc.Listener[Stream]):
     """An hvsock listener: trio's SocketListener or a ThreadSocketListener, per the I/O model.
 
     Sets HVSOCKET_CONNECTED_SUSPEND on each accepted socket when the route asks for it.
+
+    A listener on a VM name (`hvsock://wsl/PORT`, `hvsock://my-vm/PORT`) follows the name's
+    VmId: refresh() looks the name up again and, if the VmId changed, binds a new socket to
+    the new VmId and closes the old one. accept() calls it every `recheck_interval` seconds
+    while no connection comes, and after an accept() error; the service calls it on reload.
 
     Attributes:
         socket: The listening socket (endpoints.listener_address() reads it).
@@ -688,7 +788,9 @@ class HvSocketListener(trio.abc.Listener[Stream]):
         address: HyperVAddress,
         vm_id: uuid.UUID,
         model: IoModel,
-        connected_suspend: bool,
+        options: RouteOptions,
+        resolver: hyperv.VmResolver | None = None,
+        recheck_interval: float = VM_RECHECK_INTERVAL,
     ) -> None:
         self.inner = inner
         self.socket = inner.socket
@@ -696,20 +798,85 @@ class HvSocketListener(trio.abc.Listener[Stream]):
         self.vm_id = vm_id
         self.model = model
         self._api = api
-        self._connected_suspend = connected_suspend
+        self._options = options
+        self._resolver = resolver
+        self._recheck_interval = recheck_interval
+        self._refresh_lock = trio.Lock()
+        self._closed = False
 
     async def accept(self) -> Stream:
         """Accept one connection; see trio.abc.Listener."""
-        stream = await self.inner.accept()
-        if self._connected_suspend:
+        follows_name = isinstance(self.address.vm, str)
+        while True:
+            inner = self.inner
+            try:
+                with trio.move_on_after(self._recheck_interval if follows_name else math.inf) as recheck:
+                    stream = await inner.accept()
+            except trio.ClosedResourceError:
+                if self._closed or self.inner is inner:
+                    raise
+                continue  # refresh() swapped the socket under this accept()
+            except OSError:
+                if not follows_name or not await self.refresh():
+                    raise
+                continue  # the VM's VmId changed: the error was the old socket's
+            if recheck.cancelled_caught:
+                await self.refresh()
+                continue
+            break
+        if self._options.connected_suspend:
             try:
                 self._api.set_connected_suspend(stream.socket)
             except OSError as exc:  # the listening socket has it; this is belt and braces
                 logger.debug("HVSOCKET_CONNECTED_SUSPEND on an accepted socket: %s", exc)
         return stream
 
+    async def refresh(self) -> bool:
+        """Look a VM name up again and rebind if its VmId changed (a GUID never changes).
+
+        Failures are logged and keep the socket as it is: a VM that is down for a moment must
+        not cost the listener.
+
+        Returns:
+            True if the listener now listens on a new VmId.
+        """
+        if not isinstance(self.address.vm, str):
+            await trio.lowlevel.checkpoint()
+            return False
+        async with self._refresh_lock:
+            try:
+                fresh = await resolve_vm_id(self.address.vm, refresh=True, resolver=self._resolver)
+            except hyperv.VmLookupError as exc:
+                logger.info(
+                    "listen %s: cannot look VM %r up again, keeping %s: %s",
+                    self.address,
+                    self.address.vm,
+                    self.vm_id,
+                    exc,
+                )
+                return False
+            if fresh == self.vm_id or self._closed:
+                return False
+            try:
+                inner = _bind(self._api, self.address, fresh, self.model, self._options)
+            except EndpointError as exc:
+                logger.error("listen %s: VM %r has a new VmId %s, but %s", self.address, self.address.vm, fresh, exc)
+                return False
+            old, self.inner, self.socket = self.inner, inner, inner.socket
+            logger.warning(
+                "listen %s: VM %r changed VmId from %s to %s; listening on the new one",
+                self.address,
+                self.address.vm,
+                self.vm_id,
+                fresh,
+            )
+            self.vm_id = fresh
+        await trio.aclose_forcefully(old)
+        return True
+
     async def aclose(self) -> None:
         """Stop listening."""
+        self._closed = True
         await self.inner.aclose()
 
 
@@ -735,20 +902,24 @@ def _listen_message(exc: OSError) -> str:
     if exc.errno in (10048, 98):  # WSAEADDRINUSE, EADDRINUSE
         return "address already in use; another process listens on this VmId and service GUID"
     if exc.errno in (10013, 13):  # WSAEACCES, EACCES
-        return "permission denied; binding a VmId other than a wildcard may need administrator rights"
+        # Reported for WSL (nbdd0121/wsld#8): an elevated administrator gets WSAEACCES on the WSL
+        # VM's VmId, while the (standard) user who started WSL can bind it.
+        return (
+            "permission denied; only an account allowed to use that VM may bind its VmId: for WSL that is"
+            " the user who runs WSL (administrator rights do not help), for a Hyper-V VM a member of"
+            " 'Hyper-V Administrators'"
+        )
     return exc.strerror or str(exc)
 
 
-async def open_hvsock_listener(address: HyperVAddress, options: RouteOptions) -> HvSocketListener:
-    """Bind and listen on `address` (a VM name is resolved to its VmId first).
+def _bind(
+    api: HvSocketApi, address: HyperVAddress, vm_id: uuid.UUID, model: IoModel, options: RouteOptions
+) -> trio.SocketListener | ThreadSocketListener:
+    """A socket bound to (vm_id, address.service_id) and listening, wrapped for the I/O model.
 
     Raises:
-        AddressFamilyUnavailable: Not Windows, or Python < 3.12.
-        EndpointError: The VM name cannot be resolved, or bind/listen failed.
+        EndpointError: socket, bind or listen failed.
     """
-    api = _require_api(address)
-    probe = await hyperv_io_model(api)
-    vm_id = await _resolve_for(address, "listen")
     sock = _new_socket(api, address, "listen")
     try:
         if options.connected_suspend:
@@ -758,19 +929,43 @@ async def open_hvsock_listener(address: HyperVAddress, options: RouteOptions) ->
     except OSError as exc:
         sock.close()
         raise EndpointError(str(address), "listen", _listen_message(exc)) from exc
-    inner: trio.SocketListener | ThreadSocketListener
-    if probe.model == "readiness":
-        inner = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    else:
-        # One more token than the connections need: the accept thread.
-        inner = ThreadSocketListener(sock, trio.CapacityLimiter(threads_for(options.max_connections) + 1))
+    if model == "readiness":
+        return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    # One more token than the connections need: the accept thread.
+    return ThreadSocketListener(sock, trio.CapacityLimiter(threads_for(options.max_connections) + 1))
+
+
+async def open_hvsock_listener(
+    address: HyperVAddress,
+    options: RouteOptions,
+    *,
+    resolver: hyperv.VmResolver | None = None,
+    recheck_interval: float = VM_RECHECK_INTERVAL,
+) -> HvSocketListener:
+    """Bind and listen on `address` (a VM name is resolved to its VmId first).
+
+    Args:
+        address: Where to listen.
+        options: The route's options (connected_suspend, max_connections).
+        resolver: Where VM names are resolved; None for the process-wide vm_resolver().
+        recheck_interval: Seconds between look-ups of a VM name while idle (HvSocketListener).
+
+    Raises:
+        AddressFamilyUnavailable: Not Windows, or Python < 3.12.
+        EndpointError: The VM name cannot be resolved, or bind/listen failed.
+    """
+    api = _require_api(address)
+    probe = await hyperv_io_model(api)
+    vm_id = await _resolve_for(address, "listen", resolver=resolver)
     return HvSocketListener(
-        inner,
+        _bind(api, address, vm_id, probe.model, options),
         api=api,
         address=address,
         vm_id=vm_id,
         model=probe.model,
-        connected_suspend=options.connected_suspend,
+        options=options,
+        resolver=resolver,
+        recheck_interval=recheck_interval,
     )
 
 

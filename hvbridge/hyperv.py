@@ -15,7 +15,8 @@ drive all of their logic on Linux:
   output with the pure parse_*() functions below. Its scripts take no user data at all: every
   VM is listed and the name is matched here, so nothing is ever spliced into a command line.
   VmResolver caches name -> VmId and re-resolves on request (hvsock.py does after a failed
-  connect: VmIds change when a VM is recreated or WSL restarts).
+  connect, and for listeners on reload, while idle and after an accept error: VmIds change
+  when a VM is recreated or WSL restarts).
 
 A Linux guest's AF_VSOCK port P is the Hyper-V service `{P:08x}-facb-11e6-bd58-64006a7986d3`
 (Microsoft, "Make your own integration services", the VSockTemplate GUID).
@@ -43,6 +44,11 @@ VSOCK_TEMPLATE: Final = uuid.UUID("00000000-facb-11e6-bd58-64006a7986d3")
 #: Largest vsock port the template can carry (VMADDR_PORT_ANY, 2**32 - 1, is not a port).
 MAX_VSOCK_PORT: Final = 2**32 - 2
 
+#: Largest vsock port a Hyper-V socket can reach. The Linux hv_sock driver
+#: (net/vmw_vsock/hyperv_transport.c, MAX_LISTEN_PORT) ignores connection offers for a service
+#: whose port is above it, and numbers from 0x80000000 up are the host's ephemeral ports there.
+MAX_HYPERV_PORT: Final = 0x7FFFFFFF
+
 HV_GUID_ZERO: Final = uuid.UUID("00000000-0000-0000-0000-000000000000")
 HV_GUID_WILDCARD: Final = HV_GUID_ZERO
 HV_GUID_BROADCAST: Final = uuid.UUID("ffffffff-ffff-ffff-ffff-ffffffffffff")
@@ -51,7 +57,7 @@ HV_GUID_LOOPBACK: Final = uuid.UUID("e0e16197-dd56-4a10-9195-5ee7a155a838")
 HV_GUID_PARENT: Final = uuid.UUID("a42e7cda-d03f-480c-9cc2-a4de20abb878")
 HV_GUID_SILOHOST: Final = uuid.UUID("36bd0c5c-7276-4223-88ba-7d03b654c568")
 
-#: VmId wildcard names accepted in `hvsock://NAME/...` (SPEC 3.1), lower case.
+#: VmId wildcard names accepted in `hvsock://NAME/...` (docs/reference.md, "Endpoints"), lower case.
 VM_WILDCARDS: Final[dict[str, uuid.UUID]] = {
     "any": HV_GUID_ZERO,
     "wildcard": HV_GUID_ZERO,
@@ -91,6 +97,17 @@ def service_id_for_port(port: int) -> uuid.UUID:
     if not 0 <= port <= MAX_VSOCK_PORT:
         raise ValueError(f"vsock port {port} is out of range; expected 0..{MAX_VSOCK_PORT}")
     return uuid.UUID(int=(port << 96) | VSOCK_TEMPLATE.int)
+
+
+def hyperv_port_problem(port: int) -> str | None:
+    """Why vsock port `port` cannot be used through Hyper-V sockets, or None if it can."""
+    if port <= MAX_HYPERV_PORT:
+        return None
+    return (
+        f"vsock port {port} is above {MAX_HYPERV_PORT} (0x7FFFFFFF): the Linux hv_sock driver ignores"
+        " connections to such ports (0x80000000 and up are the host's ephemeral ports);"
+        f" use a port 0..{MAX_HYPERV_PORT}"
+    )
 
 
 def port_for_service_id(service_id: uuid.UUID) -> int | None:
@@ -461,22 +478,22 @@ def parse_get_vm_json(text: str) -> list[VmInfo]:
     return vms
 
 
-#: Msvm_ComputerSystem.EnabledState values (Hyper-V WMI v2 documentation).
+#: Msvm_ComputerSystem.EnabledState in the root/virtualization/v2 namespace WMI_SCRIPT reads:
+#: the CIM_EnabledLogicalElement values (learn.microsoft.com, "Msvm_ComputerSystem class" and
+#: "RequestStateChange method of the Msvm_ComputerSystem class"): a paused VM is Quiesce (9), a
+#: saved one "Enabled but Offline" (6). The 327xx numbers are the retired v1 namespace's.
 _ENABLED_STATES: Final = {
     0: "Unknown",
+    1: "Other",
     2: "Running",
     3: "Off",
     4: "Stopping",
-    6: "Enabled but offline",
+    5: "Not Applicable",
+    6: "Saved",
+    7: "In Test",
+    8: "Deferred",
+    9: "Paused",
     10: "Starting",
-    32768: "Paused",
-    32769: "Saved",
-    32770: "Starting",
-    32771: "Snapshotting",
-    32773: "Saving",
-    32774: "Stopping",
-    32776: "Pausing",
-    32777: "Resuming",
 }
 
 

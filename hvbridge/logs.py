@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 import time
 from typing import Final, Literal
@@ -69,10 +70,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj)
 
 
-def setup_logging(level: str = "info", fmt: Literal["text", "json"] = "text") -> None:
-    """Send hvbridge's log to stderr at `level` in format `fmt` (replaces earlier setup)."""
-    handler = logging.StreamHandler(sys.stderr)
+#: A log file is rotated at this size: hvbridge.log -> hvbridge.log.1 -> ... (unattended hosts,
+#: Windows in particular, have no logrotate).
+LOG_FILE_MAX_BYTES: Final = 10 * 1024 * 1024
+#: Rotated files kept besides the current one.
+LOG_FILE_BACKUPS: Final = 5
+
+
+def setup_logging(level: str = "info", fmt: Literal["text", "json"] = "text", file: str | None = None) -> None:
+    """Send hvbridge's log to stderr, or to `file`, at `level` in format `fmt` (replaces earlier setup).
+
+    Args:
+        level: debug, info, warning or error.
+        fmt: text or json.
+        file: Append to this file (UTF-8, rotated at LOG_FILE_MAX_BYTES), e.g. under a Windows
+            scheduled task or service, which has no console; None for stderr.
+
+    Raises:
+        OSError: `file` cannot be opened; the earlier setup is kept.
+    """
+    handler: logging.Handler
+    if file is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.handlers.RotatingFileHandler(
+            file, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
+        )
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    for old in LOGGER.handlers:
+        old.close()
     LOGGER.handlers[:] = [handler]
     LOGGER.setLevel(level.upper())
     LOGGER.propagate = False

@@ -1,7 +1,8 @@
 """The relay: shovel bytes both ways between two trio streams until both directions are done.
 
-This module owns the data path and its rules (SPEC 4). It knows nothing of address families:
-it takes any two `trio.abc.HalfCloseableStream`s, so tests drive it over memory streams.
+This module owns the data path and its rules (docs/reference.md, "Relay semantics"). It knows
+nothing of address families: it takes any two `trio.abc.HalfCloseableStream`s, so tests drive it
+over memory streams.
 
 Rules:
 1. One task per direction (spliced sockets: rule 6). EOF from one side is passed on as
@@ -17,7 +18,7 @@ Rules:
    recv_into() on pooled buffers instead of allocating a bytes object per read.
 5. The relay never raises for a peer's behaviour: the outcome is in Transfer.reason. Only
    cancellation (and bugs) propagate.
-6. Two TCP/Unix socket streams take the Linux fast path in splice.py instead (issue 7): bytes
+6. Two TCP/Unix socket streams take the Linux fast path in splice.py instead, for throughput and CPU: bytes
    move socket -> pipe -> socket inside the kernel, pipes are pooled and held only while bytes
    are in flight, one reactor thread moves every connection's bytes, and the caller's task is
    the connection's only task. Rules 1-5 hold there too (splice.py states how); everything
@@ -153,7 +154,7 @@ async def _close(client: trio.abc.AsyncResource, backend: trio.abc.AsyncResource
     if isinstance(client, trio.SocketStream) and isinstance(backend, trio.SocketStream):
         # What SocketStream.aclose() does, without its checkpoint: under aclose_forcefully()
         # that is a cancel scope, two trips through the scheduler and a Cancelled raised and
-        # caught per stream, on every connection's way out (issue 7: connections per second).
+        # caught per stream, on every connection's way out, which costs connections per second.
         try:
             client.socket.close()
         finally:
@@ -192,9 +193,9 @@ class _Relay:
                     idle_timeout=self.idle_timeout,
                     counts=self.transfer,
                 )
-                # Parked right here, not in a helper coroutine: a frame less per idle
-                # connection (issue 7). The reactor wakes this task when the relay ends, and
-                # only then: a cancellation asks it to end the relay and waits for that.
+                # Parked right here, not in a helper coroutine: a frame less of memory per idle
+                # connection. The reactor wakes this task when the relay ends, and only then: a
+                # cancellation asks it to end the relay and waits for that.
                 await trio.lowlevel.wait_task_rescheduled(conn.park())
                 self.transfer.reason = conn.result()
                 if conn.aborted:
@@ -343,8 +344,8 @@ def relay(
     """Relay bytes between `client` and `backend` until both directions are done; close both.
 
     Use it as `await relay(...)`. It is not an `async def` itself but returns the relay's
-    coroutine, so that every open connection carries one coroutine frame fewer (issue 7:
-    memory per idle connection).
+    coroutine, so that every open connection carries one coroutine frame fewer (memory
+    per idle connection).
 
     Args:
         client: The accepted connection.

@@ -1,7 +1,8 @@
 """The daemon's run loop: signals, reload, graceful shutdown, --watch, systemd and metrics.
 
-This module owns the life of a running hvbridge process (SPEC 5). The supervisor runs routes;
-this module decides which routes run, on which listening sockets, and when they stop.
+This module owns the life of a running hvbridge process (docs/reference.md, "Reload and
+signals"). The supervisor runs routes; this module decides which routes run, on which listening
+sockets, and when they stop.
 
 Rules:
 1. Listening sockets belong to a ListenerPool keyed by listen address, not to routes. A reload
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, final
 import attrs
 import trio
 
-from hvbridge import endpoints
+from hvbridge import endpoints, hvsock
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, TcpAddress, UnixAddress, VsockAddress
 from hvbridge.config import COMMAND_LINE, ListenBinds, Route, RouteOptions, RouteTable, listen_conflicts
 from hvbridge.errors import ConfigError, EndpointError, HvbridgeError, Problem
@@ -59,7 +60,8 @@ Command = Literal["reload", "stop"]
 
 #: --watch polls the file this often; a change is acted on once it has held for one interval.
 WATCH_INTERVAL: Final = 1.0
-_STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+#: Windows has SIGBREAK (Ctrl-Break) and no SIGHUP: reload there is --watch.
+_STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, *((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ()))
 _RELOAD_SIGNALS: Final = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
 
 
@@ -94,7 +96,7 @@ def _is_ip_literal(host: str) -> bool:
 
 
 def check_families(table: RouteTable) -> None:
-    """Refuse a table with an endpoint family this OS cannot use (SPEC 3.3).
+    """Refuse a table with an endpoint family this OS cannot use (docs/reference.md, "Validation").
 
     Raises:
         ConfigError: Naming every route and endpoint concerned.
@@ -226,6 +228,7 @@ class ListenerPool:
                     result[route.name] = inherited
                 elif key in self.opened:
                     self._refresh_unix_file(route, key)
+                    await _follow_vm_names(self.opened[key])
                     result[route.name] = self.opened[key]
                 else:
                     wanted = {pool_key(r) for r in table.routes}
@@ -318,6 +321,16 @@ class ListenerPool:
                 await trio.aclose_forcefully(listener)
         self.opened.clear()
         self.inherited.clear()
+
+
+async def _follow_vm_names(listeners: list[endpoints.Listener]) -> None:
+    """A kept listener on a VM name looks it up again (WSL has a new VmId after each start).
+
+    A rebind is not undone if the reload fails later: the old VmId is gone either way.
+    """
+    for listener in listeners:
+        if isinstance(listener, hvsock.HvSocketListener):
+            await listener.refresh()
 
 
 def _unix_file_options(route: Route) -> tuple[int, str | None, str | None]:
@@ -683,8 +696,11 @@ class Service:
             return
         new = self.log_level or table.bridge.log_level, self.log_format or table.bridge.log_format
         old = self.log_level or self.table.bridge.log_level, self.log_format or self.table.bridge.log_format
-        if new != old:
-            setup_logging(*new)
+        if (new, table.bridge.log_file) != (old, self.table.bridge.log_file):
+            try:
+                setup_logging(*new, table.bridge.log_file)
+            except OSError as exc:
+                event(logging.ERROR, f"{log_file_problem(table, exc)}; logging as before")
 
     # --------------------------------------------------------------------------- shutdown
 
@@ -841,6 +857,17 @@ async def serve(
         raise
 
 
+def log_file_problem(table: RouteTable, exc: OSError) -> Problem:
+    """Why [bridge] log_file cannot be opened, and what to do."""
+    return Problem(
+        table.source,
+        None,
+        "bridge.log_file",
+        f"cannot open {table.bridge.log_file!r}: {exc.strerror or exc};"
+        " create its directory or give a path the account running hvbridge may write",
+    )
+
+
 def _single_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -876,7 +903,16 @@ def run(
     since = file_signature(watch) if watch is not None else None
     level = log_level or table.bridge.log_level
     fmt = log_format or table.bridge.log_format
-    setup_logging(level, fmt)
+    if workers > 1 and table.bridge.log_file is not None:
+        raise ConfigError.single(
+            table.source,
+            "bridge.log_file",
+            "cannot be used with --workers (the worker processes log to stderr); remove one of them",
+        )
+    try:
+        setup_logging(level, fmt, table.bridge.log_file)
+    except OSError as exc:
+        raise ConfigError([log_file_problem(table, exc)]) from exc
     check_families(table)
     engine: Callable[[], AbstractAsyncContextManager[Engine]] = open_local_engine
     if workers > 1:

@@ -3,7 +3,7 @@
 This module owns the data path for connections whose two ends are sockets the kernel can
 splice (TCP and Unix stream sockets). relay.py picks it when both ends qualify and keeps its
 recv_into path for everything else (vsock, Hyper-V sockets, stdio, memory streams).
-docs/performance.md has the measurements that justify it (issue 7).
+docs/performance.md has the measurements that justify it.
 
 How it works, and why:
 1. Bytes never enter Python: splice(src -> pipe) then splice(pipe -> dst) move page
@@ -21,7 +21,7 @@ How it works, and why:
    wakes the connection's task through the trio token when it ends. A socket is closed only
    after its task wakes, so the reactor never sees a file descriptor number reused under it.
 4. A connection costs the caller's task, parked until the connection ends, and its epoll
-   registrations: no task per direction, no nursery, no buffer (issue 7: <= 4 KiB per idle
+   registrations: no task per direction, no nursery, no buffer (<= 4 KiB of memory per idle
    connection). Idle deadlines live on the trio side (one system task, a heap), on trio's
    clock; the reactor stamps activity with that clock.
 5. The relay's rules hold (relay.py rules 1-5): EOF from one side becomes shutdown(SHUT_WR) on
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import heapq
 import math
 import os
@@ -109,6 +108,8 @@ class Pipe:
     __slots__ = ("read_fd", "size", "write_fd")
 
     def __init__(self, size: int) -> None:
+        import fcntl  # Unix only: imported here so the module imports on Windows (splice is off there)
+
         self.read_fd, self.write_fd = os.pipe()
         with contextlib.suppress(OSError):  # EPERM past the user's pipe quota: keep the default
             fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, size)
@@ -277,7 +278,7 @@ class Connection:
     def __call__(self, _: object) -> trio.lowlevel.Abort:
         """Abort function: ask the reactor to end the connection, and stay parked until it has
         (the task must not close a socket the reactor may be splicing). The object itself, so
-        parking allocates no closure (issue 7 counts every byte of an idle connection)."""
+        parking allocates no closure (every byte an idle connection holds counts, times thousands)."""
         self.aborted = True
         self.reactor.post(self.cancel)
         return trio.lowlevel.Abort.FAILED

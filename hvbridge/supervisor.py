@@ -13,6 +13,10 @@ Resource handling: connection tasks run in a nursery that outlives the accept lo
 stopping a route stops accepting without cutting its open connections. Each route admits at
 most `max_connections` at once: at the limit its accept loop waits and the kernel backlog
 holds the rest. The relay closes both streams of every connection it was given.
+
+PROXY protocol (proxyproto.py, proxyio.py): with `accept_proxy` a connection must start with a
+header, read before the allow check, whose source then stands for the peer; with
+`proxy_protocol` the backend gets a header right after the connect, before the relay starts.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ from typing import TYPE_CHECKING, Final, NoReturn, final
 import attrs
 import trio
 
-from hvbridge import endpoints
+from hvbridge import endpoints, proxyio, proxyproto
 from hvbridge.config import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.logs import LOGGER, event
+from hvbridge.proxyproto import ProxyHeader, ProxyProtocolError
 from hvbridge.relay import Transfer, abort, buffer_pool, relay
 
 if TYPE_CHECKING:
@@ -290,8 +295,20 @@ class Supervisor:
         peer_info = endpoints.peer_address(stream)
         transfer = Transfer()
         counters.live.add(transfer)
+        via = incoming = None
+        surplus = b""
         try:
             try:
+                if route.options.accept_proxy:
+                    try:
+                        incoming, surplus = await proxyio.read_header(stream, route.options.connect_timeout)
+                    except ProxyProtocolError as exc:
+                        counters.refused += 1
+                        transfer.reason = f"refused: bad PROXY header: {exc}"
+                        await abort(stream)
+                        return
+                    if incoming.peer() is not None:  # LOCAL and UNKNOWN keep the real peer
+                        via, peer_info = peer_info, incoming.peer()
                 if route.options.allow and not await peer_allowed(route.options.allow, peer_info):
                     counters.refused += 1
                     transfer.reason = "refused by allow list"
@@ -304,6 +321,17 @@ class Supervisor:
                     transfer.reason = f"connect failed: {exc.message}"
                     await abort(stream)
                     return
+                if route.options.proxy_protocol != "none" or surplus:
+                    try:
+                        await self._send_first(route, stream, backend, peer_info, incoming, surplus)
+                    except BaseException as exc:
+                        await abort(backend)  # cancelled: the outer handler closes the client
+                        if not isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
+                            raise
+                        counters.failed += 1
+                        transfer.reason = f"connect failed: cannot send the first bytes to the backend ({exc})"
+                        await abort(stream)
+                        return
             except BaseException:
                 # Cancelled while connecting: the stream is still open (relay() and abort()
                 # close it on every other path, so it is not closed a second time there).
@@ -334,6 +362,7 @@ class Supervisor:
                     "connection closed",
                     route=route.name,
                     peer=endpoints.sockaddr_text(*peer_info) if peer_info else "-",
+                    **({"via": endpoints.sockaddr_text(*via)} if via else {}),
                     target=str(route.connect),
                     bytes_in=transfer.client_to_backend,
                     bytes_out=transfer.backend_to_client,
@@ -343,6 +372,26 @@ class Supervisor:
             self._open -= 1
             if not self._open:
                 self._idle_lot.unpark_all()
+
+    @staticmethod
+    async def _send_first(
+        route: Route,
+        client: endpoints.Stream,
+        backend: endpoints.Stream,
+        peer: tuple[int, object] | None,
+        incoming: ProxyHeader | None,
+        surplus: bytes,
+    ) -> None:
+        """Send the backend its PROXY header (one send of its own), then the bytes read past an incoming one."""
+        if route.options.proxy_protocol != "none":
+            if incoming is not None and incoming.peer() is not None:
+                # Behind a load balancer: pass on what it said about the client.
+                header = attrs.evolve(incoming, tlvs=((proxyproto.TLV_ROUTE, route.name.encode()),))
+            else:
+                header = proxyproto.describe(peer, proxyio.local_address(client), route.name)
+            await backend.send_all(proxyproto.build(header, route.options.proxy_protocol))
+        if surplus:
+            await backend.send_all(surplus)
 
     async def open_backend(self, route: Route) -> endpoints.Stream:
         """Connect to the route's target (connect_with_retries) and record the connect latency.

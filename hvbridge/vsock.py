@@ -8,13 +8,13 @@ plain trio SocketStreams and Listeners, so the relay never learns it pumps VM so
 Rules:
 1. CPython's `setsockopt()` on an AF_VSOCK socket accepts only an integer, which it passes as
    a u64 (the SO_VM_SOCKETS_BUFFER_* options take exactly that). The connect timeout takes a
-   `struct timeval`, so it is set through libc with ctypes (issue 3). The kernel's default is
+   `struct timeval`, so it is set through libc with ctypes. The kernel's default is
    2 s whatever the route says; without this option a slow VM fails early.
 2. Buffer sizes: SO_VM_SOCKETS_BUFFER_MAX_SIZE is set before SO_VM_SOCKETS_BUFFER_SIZE, because
    the kernel clamps SIZE to the current MAX (256 KiB by default). A listener's sizes are
    inherited by the connections it accepts.
 3. connect() errors ECONNRESET, ETIMEDOUT, ENODEV and ENETUNREACH mean "backend unavailable"
-   (SPEC 4): raised as BackendUnavailable, so the supervisor logs and retries them.
+   (docs/reference.md, "Relay semantics"): raised as BackendUnavailable, so the supervisor logs and retries them.
 4. Hybrid vsock (firecracker docs/vsock.md): connect = connect the VMM's Unix socket, send
    `CONNECT PORT\\n` in one write, read the answer one byte at a time up to the newline (so no
    relayed byte is consumed), bounded by connect_timeout; `OK <host port>` accepts, anything
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import os
 import re
 import socket
@@ -205,6 +204,8 @@ def local_cid(device: str = "/dev/vsock") -> int | None:
         vsock module not loaded, a container without `--device /dev/vsock`), no permission,
         or no transport at all (the kernel answers VMADDR_CID_ANY).
     """
+    import fcntl  # Unix only: imported here so the module imports on Windows
+
     try:
         fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -396,7 +397,7 @@ def mux_listen_path(address: VsockMuxAddress) -> str:
 async def open_mux_listener(address: VsockMuxAddress, options: RouteOptions) -> UnixListener:
     """Listen for guest-initiated hybrid vsock connections on the Unix socket `PATH_PORT`.
 
-    The file follows the Unix listener rules (SPEC 3.2): created with `mode`, a stale socket
+    The file follows the Unix listener rules (docs/reference.md, "Who may connect"): created with `mode`, a stale socket
     file is replaced, anything else in the way is an error and is never deleted.
 
     Raises:

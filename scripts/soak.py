@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Soak test (issue 6 item 7; not run in CI): one hvbridge under a mix of every fault, for minutes.
+"""Soak test (not run in CI): one hvbridge under a mix of every fault, for minutes.
 
 One real hvbridge process serves a route table with a route per fault: an echo backend (TCP and
 Unix), a refused port, a missing Unix socket, a blackholed port, a backend that resets

@@ -1,4 +1,4 @@
-"""Tests for hvbridge.addresses: every SPEC 3.1 text form, its canonical text and its errors.
+"""Tests for hvbridge.addresses: every text form of docs/reference.md, "Endpoints", its canonical text and its errors.
 
 Rules: pure (no sockets); exact messages, matched whole with `^...$`; Hypothesis checks that
 `parse_address(str(a)) == a` for every family and that any text parses or raises AddressError.
@@ -39,6 +39,10 @@ ENDPOINTS: Final = (
 )
 WILDCARDS: Final = "any, wildcard, zero, children, loopback, parent, broadcast, silohost"
 GUID_EXAMPLE: Final = "expected a GUID such as 00000016-facb-11e6-bd58-64006a7986d3"
+HIGH_PORT: Final = (
+    "vsock port %d is above 2147483647 (0x7FFFFFFF): the Linux hv_sock driver ignores connections to such"
+    " ports (0x80000000 and up are the host's ephemeral ports); use a port 0..2147483647"
+)
 FUZZ: Final = settings(max_examples=300, deadline=None)
 
 
@@ -92,6 +96,7 @@ FUZZ: Final = settings(max_examples=300, deadline=None)
         ),
         ("hvsock://my-vm/22", f"hvsock://my-vm/{SSH}"),
         ("hvsock://My VM (2)/22", f"hvsock://My VM (2)/{SSH}"),
+        ("hvsock://vm/2147483647", "hvsock://vm/7fffffff-facb-11e6-bd58-64006a7986d3"),
         (f"hvsock://my-vm/{SSH.upper()}", f"hvsock://my-vm/{SSH}"),
         # hybrid vsock
         ("vsock-mux:///run/fc/v.sock:52", "vsock-mux:///run/fc/v.sock:52"),
@@ -126,7 +131,7 @@ def test_values_and_properties() -> None:
     assert UnixAddress("/run/x.sock").sockaddr == "/run/x.sock"
     assert parse_address("vsock-mux:///v.sock:5") == VsockMuxAddress("/v.sock", 5)
     assert parse_address("stdio") == StdioAddress()
-    # GUIDs compare as uuid.UUID, whatever case they were written in (SPEC 3.1).
+    # GUIDs compare as uuid.UUID, whatever case they were written in (Windows returns either).
     assert parse_address(f"hvsock://{SSH.upper()}/1") == parse_address(f"hvsock://{SSH}/1")
 
 
@@ -226,7 +231,25 @@ def test_family_name(text: str, family: str) -> None:
         ),
         (f"hvsock://{ZERO[:-1]}-/22", f"invalid VmId '{ZERO[:-1]}-'; {GUID_EXAMPLE}"),
         ("hvsock://vm/not-a-guid", f"invalid service GUID 'not-a-guid'; {GUID_EXAMPLE}"),
-        ("hvsock://vm/4294967295", "vsock port 4294967295 is out of range; expected 0..4294967294"),
+        # hv_sock ignores offers for ports above 0x7FFFFFFF, the host's ephemeral range.
+        (
+            "hvsock://vm/4000000000",
+            f"invalid Hyper-V socket address 'hvsock://vm/4000000000': {HIGH_PORT % 4000000000}",
+        ),
+        (
+            "hvsock://vm/2147483648",
+            f"invalid Hyper-V socket address 'hvsock://vm/2147483648': {HIGH_PORT % 2147483648}",
+        ),
+        (
+            "hvsock://vm/4294967295",
+            f"invalid Hyper-V socket address 'hvsock://vm/4294967295': {HIGH_PORT % 4294967295}",
+        ),
+        (
+            "hvsock://vm/80000000-facb-11e6-bd58-64006a7986d3",
+            "invalid Hyper-V socket address 'hvsock://vm/80000000-facb-11e6-bd58-64006a7986d3':"
+            f" {HIGH_PORT % 2147483648}",
+        ),
+        ("hvsock://vm/99999999999", "vsock port 99999999999 is out of range; expected 0..4294967295"),
         # uuid.UUID() alone reads these; a GUID is hex digits and dashes, with both braces or none.
         (
             "hvsock://vm/0000000_000000000000000000000001",

@@ -6,6 +6,8 @@ Driven in-process with click's CliRunner; nothing here opens a socket.
 from __future__ import annotations
 
 import errno
+import os
+import signal
 from typing import TYPE_CHECKING
 
 import pytest
@@ -411,3 +413,41 @@ async def test_connect_timeout_names_the_option(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(EndpointError) as raised:
         await _open_target(TcpAddress("127.0.0.1", 22), RouteOptions(connect_timeout=2.0))
     assert str(raised.value) == "connect tcp://127.0.0.1:22: timed out after 2s (--connect-timeout)"
+
+
+def test_check_warns_of_vsock_ports_hyperv_cannot_reach(runner: CliRunner, tmp_path: Path) -> None:
+    """hv_sock ignores ports above 0x7FFFFFFF: `check` says so for a vsock route (other hypervisors are fine)."""
+    table = tmp_path / "routes.toml"
+    table.write_text(
+        '[routes.high]\nlisten = "vsock://any:2147483648"\nconnect = "tcp://127.0.0.1:22"\n'
+        '[routes.low]\nlisten = "vsock://any:2147483647"\nconnect = "vsock://2:22"\n'
+        '[routes.auto]\nlisten = "vsock://any:any"\nconnect = "tcp://127.0.0.1:22"\n'
+    )
+    result = runner.invoke(main, ["check", "-c", str(table)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "Hyper-V" in line]
+    assert warnings == [
+        "warning: routes.high.listen: under Hyper-V, vsock port 2147483648 is above 2147483647 (0x7FFFFFFF):"
+        " the Linux hv_sock driver ignores connections to such ports (0x80000000 and up are the host's"
+        " ephemeral ports); use a port 0..2147483647"
+    ]
+
+
+async def test_connect_takes_sigint_as_an_interrupt(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend, peer = trio.testing.memory_stream_pair()
+    _fake_stdio_and_backend(monkeypatch, backend)
+
+    async def connect_and_interrupt() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def interrupt_once_relaying() -> None:
+                await peer.send_all(b"up")  # the relay reads it: connected, its SIGINT receiver open
+                await trio.testing.wait_all_tasks_blocked()
+                os.kill(os.getpid(), signal.SIGINT)
+
+            nursery.start_soon(interrupt_once_relaying)
+            await _connect_stdio(TcpAddress("127.0.0.1", 22), RouteOptions())
+
+    with trio.fail_after(10), pytest.raises(BaseException) as raised:  # noqa: PT011 - a group or the interrupt
+        await connect_and_interrupt()
+    assert _interrupted(raised.value)

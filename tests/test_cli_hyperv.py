@@ -22,6 +22,10 @@ from hvbridge.cli_hyperv import HyperVTools, hyperv_group
 KEY = hyperv.SERVICES_KEY_DISPLAY
 SSH_KEY = "00000016-FACB-11E6-BD58-64006A7986D3"
 INBOX_KEY = "999E53D4-3D5C-4C3E-8779-BED06EC056E1"
+HIGH_PORT = (
+    "vsock port %d is above 2147483647 (0x7FFFFFFF): the Linux hv_sock driver ignores connections to such"
+    " ports (0x80000000 and up are the host's ephemeral ports); use a port 0..2147483647"
+)
 VM_A = uuid.UUID("3f2504e0-4f89-41d3-9a0c-0305e82c3301")
 VM_B = uuid.UUID("8c0f6c57-2f1e-4d8b-9f53-1b7e6d8a9a10")
 WSL = uuid.UUID("6c0f1a3e-9d2b-4f4e-8a77-2e1d5b9c0f42")
@@ -74,7 +78,6 @@ def error_line(result: Result) -> str:
         ("2761", "00000ac9-facb-11e6-bd58-64006a7986d3"),
         ("0", "00000000-facb-11e6-bd58-64006a7986d3"),
         ("2147483647", "7fffffff-facb-11e6-bd58-64006a7986d3"),
-        ("4294967294", "fffffffe-facb-11e6-bd58-64006a7986d3"),
     ],
 )
 def test_guid_and_back(runner: CliRunner, port: str, guid: str) -> None:
@@ -89,7 +92,9 @@ def test_guid_and_back(runner: CliRunner, port: str, guid: str) -> None:
 @pytest.mark.parametrize(
     ("port", "message"),
     [
-        ("4294967295", r"^Error: Invalid value for 'PORT': 4294967295 is not in the range 0<=x<=4294967294\.$"),
+        ("2147483648", "^Error: Invalid value for 'PORT': " + re.escape(HIGH_PORT % 2147483648) + "$"),
+        ("4000000000", "^Error: Invalid value for 'PORT': " + re.escape(HIGH_PORT % 4000000000) + "$"),
+        ("4294967295", "^Error: Invalid value for 'PORT': " + re.escape(HIGH_PORT % 4294967295) + "$"),
         ("-1", r"^Error: No such option"),  # the wording varies across click versions
         ("ssh", r"^Error: Invalid value for 'PORT': 'ssh' is not a valid integer"),
     ],
@@ -98,6 +103,27 @@ def test_guid_rejects_bad_ports(runner: CliRunner, port: str, message: str) -> N
     result = run(runner, ["guid", port])
     assert result.exit_code == 2
     assert re.match(message, error_line(result))
+
+
+def test_port_of_a_high_template_guid(runner: CliRunner) -> None:
+    """`port` still decodes a GUID above 0x7FFFFFFF, e.g. a host ephemeral port seen in a log."""
+    result = run(runner, ["port", "fffffffe-facb-11e6-bd58-64006a7986d3"])
+    assert (result.exit_code, result.stdout) == (0, "4294967294\n")
+
+
+def test_register_refuses_a_port_hyperv_cannot_reach(runner: CliRunner, registry: hyperv.MemoryRegistry) -> None:
+    result = run(runner, ["register", "--name", "x", "--port", "4000000000"], HyperVTools(registry=registry))
+    assert result.exit_code == 2
+    assert error_line(result) == f"Error: Invalid value for '--port': {HIGH_PORT % 4000000000}"
+    assert list(registry.services) == [INBOX_KEY]
+
+
+def test_unregister_takes_any_template_port(runner: CliRunner, registry: hyperv.MemoryRegistry) -> None:
+    """An entry for a port above 0x7FFFFFFF (made by hand or an older release) can still be removed."""
+    registry.services["FFFFFFFE-FACB-11E6-BD58-64006A7986D3"] = "old"
+    result = run(runner, ["unregister", "--port", "4294967294"], HyperVTools(registry=registry))
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert list(registry.services) == [INBOX_KEY]
 
 
 def test_port_of_a_non_template_guid(runner: CliRunner) -> None:

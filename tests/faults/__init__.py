@@ -1,1 +1,4 @@
-"""Fault injection: the real `hvbridge` process against misbehaving peers (issue 6, SPEC 3.2, 4)."""
+"""Fault injection: the real `hvbridge` process against misbehaving peers.
+
+What they hold hvbridge to: docs/reference.md, "Who may connect" and "Relay semantics".
+"""

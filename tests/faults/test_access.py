@@ -1,4 +1,4 @@
-"""Who may connect (issue 6 item 5; SPEC 3.2): allow lists, Unix listener files, exposure warnings.
+"""Who may connect (docs/reference.md, "Who may connect"): allow lists, Unix listener files, exposure warnings.
 
 Runs the real hvbridge process. TCP allow lists are checked for IPv4 and IPv6 CIDRs, accepting
 and rejecting, and for rules written in IPv4-mapped IPv6 form. Unix listener files must get the

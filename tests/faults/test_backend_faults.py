@@ -1,4 +1,4 @@
-"""The fault matrix of one connection (issue 6 item 1; SPEC 4): backends and clients that misbehave.
+"""The fault matrix of one connection (docs/reference.md, "Relay semantics"): backends and clients that misbehave.
 
 Each test runs the real hvbridge process, injects one fault, checks what the peers see and what
 hvbridge logs, then checks that hvbridge keeps serving (a fresh connection carries data both

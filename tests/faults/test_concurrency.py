@@ -1,4 +1,4 @@
-"""Integrity under concurrency (issue 6 item 3; SPEC 4 "bytes arrive complete, once, in order").
+"""Integrity under concurrency (docs/reference.md, "Relay semantics": bytes arrive complete, once and in order).
 
 1,000 connections, all open at once through one real hvbridge, each with its own random sizes
 (0..256 KiB each way), random chunking on both ends and a random half-close order; every byte is

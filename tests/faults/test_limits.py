@@ -1,4 +1,4 @@
-"""Limits (issue 6 item 4; SPEC 3 max_connections/idle_timeout/connect_timeout, SPEC 4 fds).
+"""Limits (docs/reference.md: max_connections/idle_timeout/connect_timeout, and file descriptors).
 
 Each test runs the real hvbridge process against one limit: the connection limit, the idle
 timeout, running out of file descriptors, and a connect that never completes.

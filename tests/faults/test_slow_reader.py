@@ -1,4 +1,4 @@
-"""A slow reader (issue 6 item 2; SPEC 4 "memory stays bounded whatever the peers do").
+"""A slow reader (docs/reference.md, "Relay semantics": memory stays bounded whatever the peers do).
 
 A backend stops reading while the client pushes a large transfer through the real hvbridge.
 hvbridge's resident memory (VmRSS) must stay within a few buffers of what it was before, both

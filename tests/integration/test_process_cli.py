@@ -2,7 +2,7 @@
 
 Rules: localhost only (127.0.0.1 and files in tmp_path); port 0 or a port held by the test itself;
 every test bounded by trio.fail_after and every loop bounded in count. Exit status 0 clean, 1 a
-user error printed as `Error: ...` lines with no traceback, 2 bad usage (SPEC 2).
+user error printed as `Error: ...` lines with no traceback, 2 bad usage (docs/reference.md, "Exit status").
 """
 
 from __future__ import annotations

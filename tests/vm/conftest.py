@@ -2,7 +2,7 @@
 
 Rules of this suite:
 - It runs only inside the micro-VM guest that scripts/vm-tests boots with
-  ../shared/tools/microvm/run-in-vm.sh, whose kernel command line carries `microvm_guest` and
+  scripts/microvm, whose kernel command line carries `microvm_guest` and
   whose only vsock transport is vsock_loopback (CID 1 = this guest). Anywhere else every test is
   skipped at collection, the autouse guard skips again, and vsock_client() refuses: the
   development and CI machines' CID 2 is infrastructure that is not ours, so nothing here may
