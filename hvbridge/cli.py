@@ -26,8 +26,6 @@ from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import (
     COMMAND_LINE,
     Format,
-    RouteOptions,
-    RouteTable,
     format_table,
     listen_conflicts,
     load_config,
@@ -37,6 +35,7 @@ from hvbridge.config import (
 from hvbridge.errors import AddressError, ConfigError, EndpointError, HvbridgeError
 from hvbridge.logs import event, setup_logging
 from hvbridge.relay import relay
+from hvbridge.routes import RouteOptions, RouteTable
 from hvbridge.supervisor import connect_with_retries
 
 if TYPE_CHECKING:

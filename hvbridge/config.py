@@ -67,6 +67,18 @@ from hvbridge.addresses import (
     parse_address,
 )
 from hvbridge.errors import AddressError, ConfigError, Problem
+from hvbridge.routes import (
+    AllowRule,
+    BridgeSettings,
+    CidRule,
+    LogFormat,
+    LogLevel,
+    ProxyProtocol,
+    Route,
+    RouteOptions,
+    RouteTable,
+    VmRule,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterator, Sequence
@@ -74,88 +86,6 @@ if TYPE_CHECKING:
     from hvbridge.addresses import Role
 
 Format = Literal["toml", "yaml"]
-LogLevel = Literal["debug", "info", "warning", "error"]
-LogFormat = Literal["text", "json"]
-ProxyProtocol = Literal["none", "v1", "v2"]
-
-
-@attrs.frozen
-class CidRule:
-    """`cid:N` in an allow list: a vsock peer with this CID."""
-
-    cid: int
-
-    def __str__(self) -> str:
-        return f"cid:{self.cid}"
-
-
-@attrs.frozen
-class VmRule:
-    """`vm:GUID` or `vm:NAME` in an allow list: a Hyper-V peer from this VM."""
-
-    vm: uuid.UUID | str
-
-    def __str__(self) -> str:
-        return f"vm:{self.vm}"
-
-
-AllowRule = ipaddress.IPv4Network | ipaddress.IPv6Network | CidRule | VmRule
-
-
-@attrs.frozen
-class RouteOptions:
-    """Every route key except name/listen/connect; `[defaults]` may set any of them.
-
-    Durations are seconds (floats); 0 idle_timeout means none. An empty allow list lets
-    every peer in.
-    """
-
-    connect_timeout: float = 5.0
-    connect_retries: int = 0
-    idle_timeout: float = 0.0
-    max_connections: int = 1024
-    half_close: bool = True
-    buffer_size: int = 64 * 1024
-    allow: tuple[AllowRule, ...] = ()
-    mode: int = 0o600
-    owner: str | None = None
-    group: str | None = None
-    vsock_buffer_size: int | None = None
-    connected_suspend: bool = False
-    #: Send the backend a PROXY protocol header first: "v1", "v2", or "none".
-    proxy_protocol: ProxyProtocol = "none"
-    #: Read a PROXY protocol header from each client first (behind a load balancer).
-    accept_proxy: bool = False
-
-
-@attrs.frozen
-class Route:
-    """One `[routes.NAME]` table: accept on `listen`, relay each connection to `connect`."""
-
-    name: str
-    listen: Address
-    connect: Address
-    options: RouteOptions = RouteOptions()
-
-
-@attrs.frozen
-class BridgeSettings:
-    """The process-wide `[bridge]` table."""
-
-    log_level: LogLevel = "info"
-    log_format: LogFormat = "text"
-    metrics: Address | None = None
-    shutdown_grace: float = 10.0
-    log_file: str | None = None
-
-
-@attrs.frozen
-class RouteTable:
-    """A whole, valid route table. `source` is the file it came from, for messages."""
-
-    routes: tuple[Route, ...]
-    bridge: BridgeSettings = BridgeSettings()
-    source: str = "<memory>"
 
 
 ROUTE_KEYS: Final = frozenset({"listen", "connect"} | {f.name for f in attrs.fields(RouteOptions)})

@@ -37,8 +37,8 @@ from hvbridge.addresses import (
     VsockAddress,
     VsockMuxAddress,
 )
-from hvbridge.config import RouteOptions
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
+from hvbridge.routes import RouteOptions
 
 if TYPE_CHECKING:
     import grp

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     import outcome
 
     from hvbridge.addresses import HyperVAddress
-    from hvbridge.config import RouteOptions
+    from hvbridge.routes import RouteOptions
 
 logger = logging.getLogger("hvbridge.hvsock")
 

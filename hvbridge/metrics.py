@@ -43,10 +43,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 
 from hvbridge import __version__, endpoints
-from hvbridge.config import RouteOptions
 from hvbridge.errors import EndpointError
 from hvbridge.logs import event
-from hvbridge.supervisor import CONNECT_LATENCY_BUCKETS, RouteStatistics
+from hvbridge.routes import RouteOptions
+from hvbridge.stats import CONNECT_LATENCY_BUCKETS, Snapshot
 
 if TYPE_CHECKING:
     from hvbridge.addresses import Address
@@ -62,43 +62,7 @@ PROBE_TIMEOUT: Final = 5.0
 #: Largest response probe() reads.
 _MAX_RESPONSE: Final = 16 * 1024 * 1024
 
-Snapshot = Mapping[str, RouteStatistics]
 Render = Callable[[], Awaitable[bytes]]
-
-
-# ------------------------------------------------------------------------------ adding up
-
-
-def merge(a: RouteStatistics, b: RouteStatistics) -> RouteStatistics:
-    """One route's counters from two processes, added up."""
-    closed = dict(a.closed)
-    for reason, count in b.closed.items():
-        closed[reason] = closed.get(reason, 0) + count
-    return RouteStatistics(
-        accepted=a.accepted + b.accepted,
-        active=a.active + b.active,
-        refused=a.refused + b.refused,
-        failed=a.failed + b.failed,
-        bytes_in=a.bytes_in + b.bytes_in,
-        bytes_out=a.bytes_out + b.bytes_out,
-        closed=closed,
-        connect_buckets=tuple(x + y for x, y in zip(a.connect_buckets, b.connect_buckets, strict=True)),
-        connect_seconds=a.connect_seconds + b.connect_seconds,
-    )
-
-
-def merge_all(snapshots: Iterable[Snapshot]) -> dict[str, RouteStatistics]:
-    """Several processes' snapshots added up route by route."""
-    total: dict[str, RouteStatistics] = {}
-    for snapshot in snapshots:
-        for name, stats in snapshot.items():
-            total[name] = merge(total[name], stats) if name in total else stats
-    return total
-
-
-def retired(snapshot: Snapshot) -> dict[str, RouteStatistics]:
-    """The counters a finished process leaves behind: everything but its open connections."""
-    return {name: attrs.evolve(stats, active=0) for name, stats in snapshot.items()}
 
 
 # ------------------------------------------------------------------------------- exposition

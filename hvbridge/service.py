@@ -44,15 +44,18 @@ import trio
 
 from hvbridge import endpoints, hvsock
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, TcpAddress, UnixAddress, VsockAddress
-from hvbridge.config import COMMAND_LINE, ListenBinds, Route, RouteOptions, RouteTable, listen_conflicts
+from hvbridge.config import COMMAND_LINE, ListenBinds, listen_conflicts
 from hvbridge.errors import ConfigError, EndpointError, HvbridgeError, Problem
 from hvbridge.logs import event, setup_logging
-from hvbridge.metrics import Exposition, Snapshot, open_metrics_listeners, serve_metrics
+from hvbridge.metrics import Exposition, open_metrics_listeners, serve_metrics
+from hvbridge.routes import Route, RouteOptions, RouteTable
 from hvbridge.supervisor import Supervisor
 from hvbridge.systemd import ActivatedSocket, Notifier, listen_fds
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
+
+    from hvbridge.stats import Snapshot
 
 Listeners = Mapping[str, list[endpoints.Listener]]
 Loader = Callable[[], "RouteTable"]

@@ -33,11 +33,12 @@ import attrs
 import trio
 
 from hvbridge import endpoints, proxyio, proxyproto
-from hvbridge.config import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.logs import LOGGER, event
 from hvbridge.proxyproto import ProxyHeader, ProxyProtocolError
 from hvbridge.relay import Transfer, abort, buffer_pool, relay
+from hvbridge.routes import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
+from hvbridge.stats import CONNECT_LATENCY_BUCKETS, RouteStatistics
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -49,24 +50,6 @@ ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENO
 ACCEPT_RETRY_DELAY: Final = 0.1
 #: connect_retries back off 0.2 s, 0.4 s, 0.8 s, ... but never wait longer than this.
 MAX_RETRY_DELAY: Final = 5.0
-#: Upper bounds (seconds) of the connect latency histogram's buckets; a last bucket is +Inf.
-CONNECT_LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-@attrs.frozen
-class RouteStatistics:
-    """A snapshot of one route's counters."""
-
-    accepted: int
-    active: int
-    refused: int
-    failed: int
-    bytes_in: int
-    bytes_out: int
-    closed: dict[str, int]
-    #: Successful backend connects per CONNECT_LATENCY_BUCKETS bucket (not cumulative; last is +Inf).
-    connect_buckets: tuple[int, ...] = (0,) * (len(CONNECT_LATENCY_BUCKETS) + 1)
-    connect_seconds: float = 0.0
 
 
 @final

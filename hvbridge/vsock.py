@@ -42,7 +42,7 @@ from hvbridge.endpoints import UNAVAILABLE_ERRNOS, UnixListener, family_unavaila
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
 
 if TYPE_CHECKING:
-    from hvbridge.config import RouteOptions
+    from hvbridge.routes import RouteOptions
 
 # ------------------------------------------------------------------ constants (linux/vm_sockets.h)
 

@@ -41,12 +41,11 @@ from typing import TYPE_CHECKING, Final, Literal, final
 import attrs
 import trio
 
-from hvbridge.config import RouteTable
 from hvbridge.errors import HvbridgeError
 from hvbridge.logs import LOGGER, event, setup_logging
-from hvbridge.metrics import Snapshot, merge_all, retired
+from hvbridge.routes import RouteTable
 from hvbridge.service import Inherited, ListenerPool, Listeners, Service, listener_from_fd, serve
-from hvbridge.supervisor import RouteStatistics
+from hvbridge.stats import RouteStatistics, Snapshot, merge_all, retired
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

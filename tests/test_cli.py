@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from hvbridge import __version__
 from hvbridge.addresses import TcpAddress
 from hvbridge.cli import _connect_stdio, _interrupted, _open_target, _StdioSides, main
-from hvbridge.config import RouteOptions
 from hvbridge.errors import EndpointError
+from hvbridge.routes import RouteOptions
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

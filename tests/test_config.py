@@ -35,13 +35,7 @@ from hvbridge.addresses import (
 )
 from hvbridge.config import (
     ROUTE_KEYS,
-    BridgeSettings,
-    CidRule,
     Format,
-    Route,
-    RouteOptions,
-    RouteTable,
-    VmRule,
     format_table,
     listen_conflicts,
     load_config,
@@ -51,6 +45,7 @@ from hvbridge.config import (
     table_from_mapping,
 )
 from hvbridge.errors import ConfigError
+from hvbridge.routes import BridgeSettings, CidRule, Route, RouteOptions, RouteTable, VmRule
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -14,7 +14,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from hvbridge.config import ROUTE_KEYS, BridgeSettings
+from hvbridge.config import ROUTE_KEYS
+from hvbridge.routes import BridgeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "reference.md"

@@ -36,7 +36,6 @@ from hvbridge.addresses import (
     VsockAddress,
     VsockMuxAddress,
 )
-from hvbridge.config import RouteOptions
 from hvbridge.endpoints import (
     connect,
     listener_address,
@@ -47,6 +46,7 @@ from hvbridge.endpoints import (
     unavailable_reason,
 )
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
+from hvbridge.routes import RouteOptions
 
 LIMIT: Final = 10.0
 DEFAULTS: Final = RouteOptions()

@@ -41,11 +41,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hvbridge.addresses import Role, parse_address
-from hvbridge.config import RouteTable, format_table, parse_config, table_from_mapping
+from hvbridge.config import format_table, parse_config, table_from_mapping
 from hvbridge.errors import AddressError, ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from hvbridge.routes import RouteTable
 
 MiB: Final = 1024 * 1024
 #: A child gets this long; none should need more than a few seconds.

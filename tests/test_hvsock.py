@@ -30,10 +30,11 @@ import trio.testing
 
 from hvbridge import endpoints, hvsock, hyperv, service
 from hvbridge.addresses import HyperVAddress, parse_address
-from hvbridge.config import RouteOptions, table_from_mapping
+from hvbridge.config import table_from_mapping
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
 from hvbridge.hvsock import ThreadSocketListener, ThreadSocketStream
 from hvbridge.relay import Transfer, relay
+from hvbridge.routes import RouteOptions
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

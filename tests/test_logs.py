@@ -18,9 +18,9 @@ import trio
 
 from hvbridge import service
 from hvbridge.addresses import TcpAddress
-from hvbridge.config import BridgeSettings, Route, RouteTable
 from hvbridge.errors import ConfigError
 from hvbridge.logs import LOG_FILE_BACKUPS, LOG_FILE_MAX_BYTES, LOGGER, event, setup_logging
+from hvbridge.routes import BridgeSettings, Route, RouteTable
 from hvbridge.systemd import Notifier
 
 if TYPE_CHECKING:

@@ -17,9 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hvbridge import __version__, endpoints, metrics
 from hvbridge.addresses import TcpAddress, UnixAddress, parse_address
-from hvbridge.metrics import Exposition, handle_request, merge, merge_all, probe, retired, serve_metrics
+from hvbridge.metrics import Exposition, handle_request, probe, serve_metrics
 from hvbridge.relay import Transfer
-from hvbridge.supervisor import CONNECT_LATENCY_BUCKETS, RouteCounters, RouteStatistics
+from hvbridge.stats import CONNECT_LATENCY_BUCKETS, RouteStatistics, merge, merge_all, retired
+from hvbridge.supervisor import RouteCounters
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -19,9 +19,9 @@ import trio
 
 from hvbridge import endpoints
 from hvbridge.addresses import parse_address
-from hvbridge.config import RouteOptions
 from hvbridge.endpoints import ThreadFdStream, error_text, translate_connect_error, unavailable_reason
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable
+from hvbridge.routes import RouteOptions
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

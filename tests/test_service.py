@@ -23,8 +23,8 @@ import trio
 
 from hvbridge import endpoints, service
 from hvbridge.addresses import HyperVAddress, TcpAddress, UnixAddress, VsockAddress, parse_address
-from hvbridge.config import BridgeSettings, Route, RouteOptions, RouteTable
 from hvbridge.errors import ConfigError, EndpointError, Problem
+from hvbridge.routes import BridgeSettings, Route, RouteOptions, RouteTable
 from hvbridge.service import (
     Inherited,
     ListenerPool,

@@ -27,9 +27,9 @@ from trio.testing import MemoryReceiveStream, MemorySendStream
 
 from hvbridge import endpoints
 from hvbridge.addresses import Address, TcpAddress, UnixAddress
-from hvbridge.config import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.logs import LOGGER
+from hvbridge.routes import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.supervisor import Supervisor, is_allowed, serve_routes
 
 if TYPE_CHECKING:

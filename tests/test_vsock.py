@@ -38,10 +38,10 @@ from integration.support import STOP_TIMEOUT, Processes, open_stream
 
 from hvbridge import vsock
 from hvbridge.addresses import VMADDR_CID_ANY, VMADDR_PORT_ANY, VsockAddress, VsockMuxAddress, parse_address
-from hvbridge.config import RouteOptions
 from hvbridge.endpoints import listener_address
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
 from hvbridge.relay import relay
+from hvbridge.routes import RouteOptions
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

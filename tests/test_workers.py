@@ -32,11 +32,10 @@ from test_service import (
 
 from hvbridge import workers
 from hvbridge.addresses import TcpAddress
-from hvbridge.config import BridgeSettings, Route, RouteTable
 from hvbridge.logs import LOGGER
-from hvbridge.metrics import retired
+from hvbridge.routes import BridgeSettings, Route, RouteTable
 from hvbridge.service import Service, serve
-from hvbridge.supervisor import RouteStatistics
+from hvbridge.stats import RouteStatistics, retired
 from hvbridge.systemd import Notifier
 from hvbridge.workers import Channel, WorkerEngine, WorkerError, open_worker_engine
 

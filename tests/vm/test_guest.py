@@ -18,9 +18,9 @@ from integration.support import MiB, exchange, expect_closed, mib_per_s, open_st
 
 from hvbridge import vsock
 from hvbridge.addresses import VMADDR_CID_ANY, VMADDR_PORT_ANY, VsockAddress
-from hvbridge.config import RouteOptions
 from hvbridge.endpoints import peer_address
 from hvbridge.errors import BackendUnavailable
+from hvbridge.routes import RouteOptions
 
 from .guest import (
     FIGURES,
