@@ -16,7 +16,13 @@ from typing import Final, Literal, assert_never
 import attrs
 
 from hvbridge.errors import AddressError
-from hvbridge.hyperv import VM_WILDCARDS, hyperv_port_problem, port_for_service_id, service_id_for_port
+from hvbridge.hyperv.guids import (
+    VM_WILDCARDS,
+    hyperv_port_problem,
+    parse_guid,
+    port_for_service_id,
+    service_id_for_port,
+)
 
 Role = Literal["listen", "connect"]
 
@@ -38,9 +44,6 @@ _MAX_UNIX_PATH: Final = 107
 # \Z, not $: `$` also matches before a trailing newline, which let "host\n" through.
 _HOSTNAME = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_-]{1,63})*\.?\Z")
 _VM_NAME = re.compile(r"^[^/\x00-\x1f]{1,100}\Z")
-_HEX = "[0-9a-fA-F]"
-# uuid.UUID() alone also takes underscores, blanks, non-ASCII digits and `urn:uuid:`.
-_GUID = re.compile(rf"(\{{)?(?:{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}|{_HEX}{{32}})(?(1)\}})")
 
 
 @attrs.frozen
@@ -269,9 +272,12 @@ def _parse_vsock(rest: str) -> VsockAddress:
 
 
 def _parse_guid(text: str, what: str) -> uuid.UUID:
-    if not _GUID.fullmatch(text):
-        raise AddressError(f"invalid {what} {text!r}; expected a GUID such as 00000016-facb-11e6-bd58-64006a7986d3")
-    return uuid.UUID(text)
+    try:
+        return parse_guid(text)
+    except ValueError:
+        raise AddressError(
+            f"invalid {what} {text!r}; expected a GUID such as 00000016-facb-11e6-bd58-64006a7986d3"
+        ) from None
 
 
 def _parse_hvsock(rest: str) -> HyperVAddress:

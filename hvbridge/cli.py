@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar, final
 import click
 import trio
 
-from hvbridge import __version__, endpoints, hyperv, metrics, service, sshconfig
+from hvbridge import __version__, endpoints, metrics, service, sshconfig
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, StdioAddress, VsockAddress, parse_address
 from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import (
@@ -33,6 +33,7 @@ from hvbridge.config import (
     table_from_mapping,
 )
 from hvbridge.errors import AddressError, ConfigError, EndpointError, HvbridgeError
+from hvbridge.hyperv.guids import hyperv_port_problem
 from hvbridge.logs import event, setup_logging
 from hvbridge.relay import relay
 from hvbridge.routes import RouteOptions, RouteTable
@@ -263,7 +264,7 @@ def check(
     for route in table.routes:
         for key, address in (("listen", route.listen), ("connect", route.connect)):
             if isinstance(address, VsockAddress) and address.port != VMADDR_PORT_ANY:
-                problem = hyperv.hyperv_port_problem(address.port)
+                problem = hyperv_port_problem(address.port)
                 if problem is not None:
                     click.echo(f"warning: routes.{route.name}.{key}: under Hyper-V, {problem}", err=True)
             why = endpoints.unavailable_reason(address)

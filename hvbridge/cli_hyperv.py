@@ -1,6 +1,6 @@
 """The `hvbridge hyperv` command group (docs/reference.md, "Command line"): GUID <-> port, the service registry, VM ids.
 
-This module owns the `hyperv` subcommands and what they print. The logic lives in hyperv.py;
+This module owns the `hyperv` subcommands and what they print. The logic lives in the hyperv/ package;
 here are only arguments, output and errors. The registry and the VM lookup come from a
 HyperVTools object found in the click context (tests pass `obj=HyperVTools(...)` to CliRunner),
 else from the real ones (winreg, PowerShell/WSL tools), so every command runs on Linux against
@@ -20,8 +20,25 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar, final
 import attrs
 import click
 
-from hvbridge import hyperv
 from hvbridge.errors import HvbridgeError
+from hvbridge.hyperv.guids import (
+    MAX_VSOCK_PORT,
+    VSOCK_TEMPLATE,
+    hyperv_port_problem,
+    parse_guid,
+    port_for_service_id,
+    service_id_for_port,
+)
+from hvbridge.hyperv.registry import (
+    SERVICES_KEY_DISPLAY,
+    RegistryError,
+    ServiceEntry,
+    ServiceRegistry,
+    list_services,
+    register_service,
+    unregister_service,
+)
+from hvbridge.hyperv.vms import WSL_VM_NAME, SubprocessVmLookup, VmLookup
 
 if TYPE_CHECKING:
     import uuid
@@ -41,21 +58,22 @@ class HyperVTools:
         lookup: The VM lookup, or None for the real one (PowerShell, wsl.exe, hcsdiag).
     """
 
-    registry: hyperv.ServiceRegistry | None = None
-    lookup: hyperv.VmLookup | None = None
+    registry: ServiceRegistry | None = None
+    lookup: VmLookup | None = None
 
 
-def default_registry() -> hyperv.ServiceRegistry:
+def default_registry() -> ServiceRegistry:
     """The real registry.
 
     Raises:
-        hyperv.RegistryError: Not on Windows.
+        RegistryError: Not on Windows.
     """
     if sys.platform == "win32":  # pragma: no cover - Windows only
-        return hyperv.WinRegistry()
-    raise hyperv.RegistryError(
-        f"the Hyper-V service registry ({hyperv.SERVICES_KEY_DISPLAY}) exists only on a Windows host;"
-        " run this command there"
+        from hvbridge.hyperv.registry import WinRegistry
+
+        return WinRegistry()
+    raise RegistryError(
+        f"the Hyper-V service registry ({SERVICES_KEY_DISPLAY}) exists only on a Windows host; run this command there"
     )
 
 
@@ -64,14 +82,14 @@ def _tools() -> HyperVTools:
     return found if found is not None else HyperVTools()
 
 
-def _registry() -> hyperv.ServiceRegistry:
+def _registry() -> ServiceRegistry:
     registry = _tools().registry
     return registry if registry is not None else default_registry()
 
 
-def _lookup() -> hyperv.VmLookup:
+def _lookup() -> VmLookup:
     lookup = _tools().lookup
-    return lookup if lookup is not None else hyperv.SubprocessVmLookup()
+    return lookup if lookup is not None else SubprocessVmLookup()
 
 
 def _user_errors(fn: Callable[P, R]) -> Callable[P, R]:
@@ -92,7 +110,7 @@ def _guid(ctx: click.Context, param: click.Parameter, value: str | None) -> uuid
     if value is None:
         return None
     try:
-        return hyperv.parse_guid(value)
+        return parse_guid(value)
     except ValueError:
         raise click.BadParameter(
             f"{value!r} is not a GUID; expected e.g. 00000016-facb-11e6-bd58-64006a7986d3", ctx, param
@@ -100,20 +118,20 @@ def _guid(ctx: click.Context, param: click.Parameter, value: str | None) -> uuid
 
 
 #: Any port the vsock template can carry (to unregister an entry whatever its port).
-PORT = click.IntRange(0, hyperv.MAX_VSOCK_PORT)
+PORT = click.IntRange(0, MAX_VSOCK_PORT)
 #: Checked by _hyperv_port, whose message says why the upper bound is 0x7FFFFFFF.
 HYPERV_PORT = click.IntRange(min=0)
 
 
 def _hyperv_port(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     """A vsock port a Hyper-V socket can reach (0..0x7FFFFFFF); a higher one is exit status 2."""
-    problem = None if value is None else hyperv.hyperv_port_problem(value)
+    problem = None if value is None else hyperv_port_problem(value)
     if problem is not None:
         raise click.BadParameter(problem, ctx, param)
     return value
 
 
-def _describe(entry: hyperv.ServiceEntry) -> str:
+def _describe(entry: ServiceEntry) -> str:
     port = entry.vsock_port
     return f"{entry.service_id}" + (f" (vsock port {port})" if port is not None else "")
 
@@ -124,7 +142,7 @@ def _service_id(port: int | None, service: uuid.UUID | None) -> uuid.UUID:
     if service is not None:
         return service
     assert port is not None
-    return hyperv.service_id_for_port(port)
+    return service_id_for_port(port)
 
 
 @click.group("hyperv", short_help="Hyper-V helpers: service GUIDs, the registry, VM ids.")
@@ -141,17 +159,17 @@ def hyperv_group() -> None:
 @click.argument("port", type=HYPERV_PORT, callback=_hyperv_port)
 def guid_command(port: int) -> None:
     """Print the Hyper-V service GUID of vsock PORT (2761 -> 00000ac9-facb-11e6-bd58-64006a7986d3)."""
-    click.echo(str(hyperv.service_id_for_port(port)))
+    click.echo(str(service_id_for_port(port)))
 
 
 @hyperv_group.command("port", short_help="Print the vsock port a service GUID stands for.")
 @click.argument("service", metavar="GUID", callback=_guid)
 def port_command(service: uuid.UUID) -> None:
     """Print the vsock port a service GUID stands for (the reverse of `guid`)."""
-    port = hyperv.port_for_service_id(service)
+    port = port_for_service_id(service)
     if port is None:
         raise click.ClickException(
-            f"{service} does not follow the vsock template {hyperv.VSOCK_TEMPLATE}"
+            f"{service} does not follow the vsock template {VSOCK_TEMPLATE}"
             " (PORT-facb-11e6-bd58-64006a7986d3), so it stands for no vsock port"
         )
     click.echo(str(port))
@@ -167,8 +185,8 @@ def port_command(service: uuid.UUID) -> None:
 def register_command(name: str, port: int | None, service: uuid.UUID | None) -> None:
     """Register a service GUID so VMs may use it (administrator; refuses a duplicate)."""
     service_id = _service_id(port, service)  # a usage error comes before the registry's
-    entry = hyperv.register_service(_registry(), service_id, name)
-    click.echo(f"registered {_describe(entry)} as {name!r} in {hyperv.SERVICES_KEY_DISPLAY}\\{entry.key}")
+    entry = register_service(_registry(), service_id, name)
+    click.echo(f"registered {_describe(entry)} as {name!r} in {SERVICES_KEY_DISPLAY}\\{entry.key}")
 
 
 @hyperv_group.command("unregister")
@@ -178,7 +196,7 @@ def register_command(name: str, port: int | None, service: uuid.UUID | None) -> 
 def unregister_command(port: int | None, service: uuid.UUID | None) -> None:
     """Remove a registered service GUID (administrator)."""
     service_id = _service_id(port, service)  # a usage error comes before the registry's
-    entry = hyperv.unregister_service(_registry(), service_id)
+    entry = unregister_service(_registry(), service_id)
     named = f" ({entry.name!r})" if entry.name is not None else ""
     click.echo(f"unregistered {_describe(entry)}{named}")
 
@@ -187,7 +205,7 @@ def unregister_command(port: int | None, service: uuid.UUID | None) -> None:
 @_user_errors
 def services_command() -> None:
     """List registered services, with the vsock port where the GUID follows the template."""
-    entries = hyperv.list_services(_registry())
+    entries = list_services(_registry())
     if not entries:
         click.echo("no services are registered")
         return
@@ -203,7 +221,7 @@ def vms_command(with_wsl: bool) -> None:
     lookup = _lookup()
     rows = [(vm.name, str(vm.vm_id), vm.state) for vm in sorted(lookup.list_vms(), key=lambda v: v.name.casefold())]
     if with_wsl:
-        rows.append((hyperv.WSL_VM_NAME, str(lookup.wsl_vm_id()), "Running"))
+        rows.append((WSL_VM_NAME, str(lookup.wsl_vm_id()), "Running"))
     if not rows:
         click.echo("no VMs")
         return

@@ -527,9 +527,9 @@ def sockaddr_text(family: int, sockaddr: object) -> str:
         assert isinstance(sockaddr, str)
         return f"unix:@{sockaddr[1:]}" if sockaddr.startswith("\0") else f"unix://{sockaddr}"
     if family == getattr(socket, "AF_HYPERV", -1):  # pragma: no cover - Windows only
-        from hvbridge import hyperv
+        from hvbridge.hyperv import guids
 
-        return hyperv.sockaddr_text(sockaddr) or str(sockaddr)
+        return guids.sockaddr_text(sockaddr) or str(sockaddr)
     if family == getattr(socket, "AF_VSOCK", -1) and isinstance(sockaddr, tuple):
         return str(VsockAddress(int(sockaddr[0]), int(sockaddr[1])))
     return str(sockaddr)

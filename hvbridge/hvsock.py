@@ -10,7 +10,7 @@ Rules:
    unavailable_reason() lets `check` say so without opening anything.
 2. Addresses: `(str(vm_id), str(service_id))`, protocol HV_PROTOCOL_RAW, option level
    HV_PROTOCOL_RAW. GUIDs are compared as uuid.UUID. A VM name is resolved to its VmId
-   through hyperv.VmResolver (cached, run in a worker thread); after a connect fails the
+   through VmResolver (cached, run in a worker thread); after a connect fails the
    name is resolved again (at most every min_refresh seconds), and if the VmId changed (VM
    recreated, WSL restarted) the connect is tried once more. A listener on a VM name looks
    the name up again on reload, every VM_RECHECK_INTERVAL while idle and after an accept()
@@ -54,9 +54,10 @@ from typing import TYPE_CHECKING, Final, Generic, Literal, Protocol, TypeAlias, 
 import attrs
 import trio
 
-from hvbridge import hyperv
 from hvbridge.endpoints import family_unavailable, translate_connect_error
 from hvbridge.errors import EndpointError
+from hvbridge.hyperv.guids import HV_GUID_LOOPBACK, service_id_for_port, sockaddr_vm_id, vm_id_matches
+from hvbridge.hyperv.vms import SubprocessVmLookup, VmLookup, VmLookupError, VmResolver
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -212,35 +213,33 @@ def _require_api(address: HyperVAddress) -> HvSocketApi:
 # ------------------------------------------------------------------------- VM names
 
 
-_resolver: hyperv.VmResolver | None = None
+_resolver: VmResolver | None = None
 
 
-def vm_resolver() -> hyperv.VmResolver:
+def vm_resolver() -> VmResolver:
     """The process-wide VM-name resolver (PowerShell/WSL tools unless set_vm_lookup() was called)."""
     global _resolver
     if _resolver is None:
-        _resolver = hyperv.VmResolver(hyperv.SubprocessVmLookup())
+        _resolver = VmResolver(SubprocessVmLookup())
     return _resolver
 
 
-def set_vm_lookup(lookup: hyperv.VmLookup | None) -> None:
+def set_vm_lookup(lookup: VmLookup | None) -> None:
     """Use `lookup` for VM names from now on (None: back to the real tools); clears the cache."""
     global _resolver
-    _resolver = None if lookup is None else hyperv.VmResolver(lookup)
+    _resolver = None if lookup is None else VmResolver(lookup)
 
 
-async def resolve_vm_id(
-    vm: uuid.UUID | str, *, refresh: bool = False, resolver: hyperv.VmResolver | None = None
-) -> uuid.UUID:
+async def resolve_vm_id(vm: uuid.UUID | str, *, refresh: bool = False, resolver: VmResolver | None = None) -> uuid.UUID:
     """The VmId of `vm` (a GUID passes through), resolved in a worker thread.
 
     Args:
         vm: A VmId or a VM name.
-        refresh: Ask again instead of using the cache (see hyperv.VmResolver.resolve).
+        refresh: Ask again instead of using the cache (see VmResolver.resolve).
         resolver: Where names are resolved; None for the process-wide vm_resolver().
 
     Raises:
-        hyperv.VmLookupError: The name cannot be resolved.
+        VmLookupError: The name cannot be resolved.
     """
     if isinstance(vm, uuid.UUID):
         await trio.lowlevel.checkpoint()
@@ -250,11 +249,11 @@ async def resolve_vm_id(
 
 
 async def _resolve_for(
-    address: HyperVAddress, op: str, *, refresh: bool = False, resolver: hyperv.VmResolver | None = None
+    address: HyperVAddress, op: str, *, refresh: bool = False, resolver: VmResolver | None = None
 ) -> uuid.UUID:
     try:
         return await resolve_vm_id(address.vm, refresh=refresh, resolver=resolver)
-    except hyperv.VmLookupError as exc:
+    except VmLookupError as exc:
         raise EndpointError(str(address), op, str(exc)) from exc
 
 
@@ -269,16 +268,16 @@ async def peer_vm_allowed(rules: Sequence[uuid.UUID | str], sockaddr: object) ->
         True if a rule admits the peer's VmId. A name that cannot be resolved admits nobody
         (logged as a warning).
     """
-    peer = hyperv.sockaddr_vm_id(sockaddr)
+    peer = sockaddr_vm_id(sockaddr)
     if peer is None:
         return False
     for rule in rules:
         try:
             vm_id = await resolve_vm_id(rule)
-        except hyperv.VmLookupError as exc:
+        except VmLookupError as exc:
             logger.warning("allow rule vm:%s cannot be resolved: %s", rule, exc)
             continue
-        if hyperv.vm_id_matches(vm_id, peer):
+        if vm_id_matches(vm_id, peer):
             return True
     return False
 
@@ -405,8 +404,8 @@ async def _choose_io_model(api: HvSocketApi) -> IoProbe:
         if forced:
             logger.warning("%s=%r is not 'readiness' or 'threads'; probing", IO_MODEL_ENV, forced)
         # A random vsock-template service on the loopback VmId, as go-winio's tests do.
-        service_id = hyperv.service_id_for_port(random.randrange(0x10000000, 0x7FFFFFFF))
-        address = api.sockaddr(hyperv.HV_GUID_LOOPBACK, service_id)
+        service_id = service_id_for_port(random.randrange(0x10000000, 0x7FFFFFFF))
+        address = api.sockaddr(HV_GUID_LOOPBACK, service_id)
         probe = await probe_readiness(api.family, api.proto, address)
     logger.info("hvsock I/O model: %s (%s)", probe.model, probe.reason)
     return probe
@@ -789,7 +788,7 @@ class HvSocketListener(trio.abc.Listener[Stream]):
         vm_id: uuid.UUID,
         model: IoModel,
         options: RouteOptions,
-        resolver: hyperv.VmResolver | None = None,
+        resolver: VmResolver | None = None,
         recheck_interval: float = VM_RECHECK_INTERVAL,
     ) -> None:
         self.inner = inner
@@ -846,7 +845,7 @@ class HvSocketListener(trio.abc.Listener[Stream]):
         async with self._refresh_lock:
             try:
                 fresh = await resolve_vm_id(self.address.vm, refresh=True, resolver=self._resolver)
-            except hyperv.VmLookupError as exc:
+            except VmLookupError as exc:
                 logger.info(
                     "listen %s: cannot look VM %r up again, keeping %s: %s",
                     self.address,
@@ -939,7 +938,7 @@ async def open_hvsock_listener(
     address: HyperVAddress,
     options: RouteOptions,
     *,
-    resolver: hyperv.VmResolver | None = None,
+    resolver: VmResolver | None = None,
     recheck_interval: float = VM_RECHECK_INTERVAL,
 ) -> HvSocketListener:
     """Bind and listen on `address` (a VM name is resolved to its VmId first).

@@ -34,6 +34,7 @@ import trio
 
 from hvbridge import endpoints, proxyio, proxyproto
 from hvbridge.errors import BackendUnavailable, EndpointError
+from hvbridge.hyperv.guids import parse_guid, vm_id_matches
 from hvbridge.logs import LOGGER, event
 from hvbridge.proxyproto import ProxyHeader, ProxyProtocolError
 from hvbridge.relay import Transfer, abort, buffer_pool, relay
@@ -141,7 +142,7 @@ async def peer_allowed(rules: Sequence[AllowRule], peer: tuple[int, object] | No
 
 def _same_vm(vm: uuid.UUID | str, peer_vm: object) -> bool:
     try:
-        return isinstance(vm, uuid.UUID) and uuid.UUID(str(peer_vm)) == vm
+        return isinstance(vm, uuid.UUID) and vm_id_matches(vm, parse_guid(str(peer_vm)))
     except ValueError:
         return False
 

@@ -29,7 +29,7 @@ from hvbridge.addresses import (
     parse_address,
 )
 from hvbridge.errors import AddressError
-from hvbridge.hyperv import VM_WILDCARDS
+from hvbridge.hyperv.guids import VM_WILDCARDS
 
 ZERO: Final = "00000000-0000-0000-0000-000000000000"
 SSH: Final = "00000016-facb-11e6-bd58-64006a7986d3"  # vsock port 22 in the Hyper-V template

@@ -16,10 +16,11 @@ import attrs
 import pytest
 from click.testing import CliRunner, Result
 
-from hvbridge import hyperv
 from hvbridge.cli_hyperv import HyperVTools, hyperv_group
+from hvbridge.hyperv.registry import SERVICES_KEY_DISPLAY, MemoryRegistry
+from hvbridge.hyperv.vms import VmInfo, VmLookupError
 
-KEY = hyperv.SERVICES_KEY_DISPLAY
+KEY = SERVICES_KEY_DISPLAY
 SSH_KEY = "00000016-FACB-11E6-BD58-64006A7986D3"
 INBOX_KEY = "999E53D4-3D5C-4C3E-8779-BED06EC056E1"
 HIGH_PORT = (
@@ -35,15 +36,15 @@ WSL = uuid.UUID("6c0f1a3e-9d2b-4f4e-8a77-2e1d5b9c0f42")
 class FakeLookup:
     """A VmLookup with fixed answers, or a fixed error."""
 
-    vms: list[hyperv.VmInfo] = attrs.field(factory=list)
+    vms: list[VmInfo] = attrs.field(factory=list)
     wsl: uuid.UUID | None = None
 
-    def list_vms(self) -> list[hyperv.VmInfo]:
+    def list_vms(self) -> list[VmInfo]:
         return list(self.vms)
 
     def wsl_vm_id(self) -> uuid.UUID:
         if self.wsl is None:
-            raise hyperv.VmLookupError("no running WSL2 VM; start WSL (wsl.exe) and try again")
+            raise VmLookupError("no running WSL2 VM; start WSL (wsl.exe) and try again")
         return self.wsl
 
 
@@ -54,9 +55,9 @@ def runner() -> CliRunner:
 
 
 @pytest.fixture
-def registry() -> hyperv.MemoryRegistry:
+def registry() -> MemoryRegistry:
     """A registry holding one inbox service, as a fresh host has."""
-    return hyperv.MemoryRegistry({INBOX_KEY: "VM Session Service"})
+    return MemoryRegistry({INBOX_KEY: "VM Session Service"})
 
 
 def run(runner: CliRunner, args: list[str], tools: HyperVTools | None = None) -> Result:
@@ -111,14 +112,14 @@ def test_port_of_a_high_template_guid(runner: CliRunner) -> None:
     assert (result.exit_code, result.stdout) == (0, "4294967294\n")
 
 
-def test_register_refuses_a_port_hyperv_cannot_reach(runner: CliRunner, registry: hyperv.MemoryRegistry) -> None:
+def test_register_refuses_a_port_hyperv_cannot_reach(runner: CliRunner, registry: MemoryRegistry) -> None:
     result = run(runner, ["register", "--name", "x", "--port", "4000000000"], HyperVTools(registry=registry))
     assert result.exit_code == 2
     assert error_line(result) == f"Error: Invalid value for '--port': {HIGH_PORT % 4000000000}"
     assert list(registry.services) == [INBOX_KEY]
 
 
-def test_unregister_takes_any_template_port(runner: CliRunner, registry: hyperv.MemoryRegistry) -> None:
+def test_unregister_takes_any_template_port(runner: CliRunner, registry: MemoryRegistry) -> None:
     """An entry for a port above 0x7FFFFFFF (made by hand or an older release) can still be removed."""
     registry.services["FFFFFFFE-FACB-11E6-BD58-64006A7986D3"] = "old"
     result = run(runner, ["unregister", "--port", "4294967294"], HyperVTools(registry=registry))
@@ -146,7 +147,7 @@ def test_port_rejects_bad_guid(runner: CliRunner) -> None:
 # ---------------------------------------------------------------------------- registry
 
 
-def test_register_list_unregister(runner: CliRunner, registry: hyperv.MemoryRegistry) -> None:
+def test_register_list_unregister(runner: CliRunner, registry: MemoryRegistry) -> None:
     tools = HyperVTools(registry=registry)
     result = run(runner, ["register", "--name", "hvbridge ssh", "--port", "22"], tools)
     assert (result.exit_code, result.stderr) == (0, "")
@@ -171,7 +172,7 @@ def test_register_list_unregister(runner: CliRunner, registry: hyperv.MemoryRegi
     assert list(registry.services) == [INBOX_KEY]
 
 
-def test_register_by_service_guid(runner: CliRunner, registry: hyperv.MemoryRegistry) -> None:
+def test_register_by_service_guid(runner: CliRunner, registry: MemoryRegistry) -> None:
     tools = HyperVTools(registry=registry)
     guid = "{0B1E2F3A-0000-4000-8000-000000000001}"
     result = run(runner, ["register", "--name", "demo", "--service", guid], tools)
@@ -183,7 +184,7 @@ def test_register_by_service_guid(runner: CliRunner, registry: hyperv.MemoryRegi
     assert (result.exit_code, result.stdout) == (0, "unregistered 0b1e2f3a-0000-4000-8000-000000000001 ('demo')\n")
 
 
-def test_register_refuses_duplicate(runner: CliRunner, registry: hyperv.MemoryRegistry) -> None:
+def test_register_refuses_duplicate(runner: CliRunner, registry: MemoryRegistry) -> None:
     registry.services[SSH_KEY.lower()] = "old ssh"
     result = run(runner, ["register", "--name", "new", "--port", "22"], HyperVTools(registry=registry))
     assert (result.exit_code, result.stdout) == (1, "")
@@ -196,7 +197,7 @@ def test_register_refuses_duplicate(runner: CliRunner, registry: hyperv.MemoryRe
 
 
 def test_register_needs_admin(runner: CliRunner) -> None:
-    registry = hyperv.MemoryRegistry(writable=False)
+    registry = MemoryRegistry(writable=False)
     result = run(runner, ["register", "--name", "ssh", "--port", "22"], HyperVTools(registry=registry))
     assert result.exit_code == 1
     assert result.stderr == (
@@ -213,7 +214,7 @@ def test_register_needs_admin(runner: CliRunner) -> None:
         ["unregister"],
     ],
 )
-def test_exactly_one_of_port_and_service(runner: CliRunner, registry: hyperv.MemoryRegistry, args: list[str]) -> None:
+def test_exactly_one_of_port_and_service(runner: CliRunner, registry: MemoryRegistry, args: list[str]) -> None:
     result = run(runner, args, HyperVTools(registry=registry))
     assert result.exit_code == 2
     assert error_line(result) == "Error: give exactly one of --port and --service"
@@ -228,7 +229,7 @@ def test_usage_error_comes_before_the_missing_registry(runner: CliRunner, comman
     assert error_line(result) == "Error: give exactly one of --port and --service"
 
 
-def test_register_needs_a_name(runner: CliRunner, registry: hyperv.MemoryRegistry) -> None:
+def test_register_needs_a_name(runner: CliRunner, registry: MemoryRegistry) -> None:
     result = run(runner, ["register", "--port", "22"], HyperVTools(registry=registry))
     assert result.exit_code == 2
     assert error_line(result) == "Error: Missing option '--name'."
@@ -237,7 +238,7 @@ def test_register_needs_a_name(runner: CliRunner, registry: hyperv.MemoryRegistr
     assert result.stderr == ("Error: invalid service name ' '; expected a non-empty name without control characters\n")
 
 
-def test_unregister_unknown(runner: CliRunner, registry: hyperv.MemoryRegistry) -> None:
+def test_unregister_unknown(runner: CliRunner, registry: MemoryRegistry) -> None:
     result = run(runner, ["unregister", "--port", "2222"], HyperVTools(registry=registry))
     assert result.exit_code == 1
     assert result.stderr == (
@@ -247,9 +248,9 @@ def test_unregister_unknown(runner: CliRunner, registry: hyperv.MemoryRegistry) 
 
 
 def test_services_empty_and_missing(runner: CliRunner) -> None:
-    result = run(runner, ["services"], HyperVTools(registry=hyperv.MemoryRegistry()))
+    result = run(runner, ["services"], HyperVTools(registry=MemoryRegistry()))
     assert (result.exit_code, result.stdout) == (0, "no services are registered\n")
-    result = run(runner, ["services"], HyperVTools(registry=hyperv.MemoryRegistry(exists=False)))
+    result = run(runner, ["services"], HyperVTools(registry=MemoryRegistry(exists=False)))
     assert result.exit_code == 1
     assert result.stderr == (
         f"Error: cannot list Hyper-V services: {KEY} does not exist; is Hyper-V enabled on this host?"
@@ -270,7 +271,7 @@ def test_default_registry_off_windows(runner: CliRunner) -> None:
 
 
 def test_vms(runner: CliRunner) -> None:
-    lookup = FakeLookup([hyperv.VmInfo("zeta", VM_B, "Off"), hyperv.VmInfo("Build-01", VM_A, "Running")], wsl=WSL)
+    lookup = FakeLookup([VmInfo("zeta", VM_B, "Off"), VmInfo("Build-01", VM_A, "Running")], wsl=WSL)
     result = run(runner, ["vms"], HyperVTools(lookup=lookup))
     assert (result.exit_code, result.stderr) == (0, "")
     assert result.stdout == (

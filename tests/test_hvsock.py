@@ -28,11 +28,13 @@ import pytest
 import trio
 import trio.testing
 
-from hvbridge import endpoints, hvsock, hyperv, service
+from hvbridge import endpoints, hvsock, service
 from hvbridge.addresses import HyperVAddress, parse_address
 from hvbridge.config import table_from_mapping
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
 from hvbridge.hvsock import ThreadSocketListener, ThreadSocketStream
+from hvbridge.hyperv.guids import HV_GUID_ZERO, port_for_service_id, service_id_for_port
+from hvbridge.hyperv.vms import SubprocessVmLookup, VmInfo, VmResolver
 from hvbridge.relay import Transfer, relay
 from hvbridge.routes import RouteOptions
 
@@ -708,7 +710,7 @@ class TcpApi:
     def sockaddr(self, vm_id: uuid.UUID, service_id: uuid.UUID) -> tuple[str, int]:
         if vm_id in self.gone:
             return ("127.0.0.1", self.refused_port)
-        port = hyperv.port_for_service_id(service_id)
+        port = port_for_service_id(service_id)
         return (self.hosts.get(vm_id, "127.0.0.1"), port if port is not None and port < 65536 else 0)
 
     def set_connect_timeout(self, sock: socket.socket, milliseconds: int) -> None:
@@ -733,9 +735,9 @@ class MutableLookup:
     vms: dict[str, uuid.UUID]
     asked: int = 0
 
-    def list_vms(self) -> list[hyperv.VmInfo]:
+    def list_vms(self) -> list[VmInfo]:
         self.asked += 1
-        return [hyperv.VmInfo(name, vm_id, "Running") for name, vm_id in self.vms.items()]
+        return [VmInfo(name, vm_id, "Running") for name, vm_id in self.vms.items()]
 
     def wsl_vm_id(self) -> uuid.UUID:
         self.asked += 1
@@ -762,7 +764,7 @@ def api(monkeypatch: pytest.MonkeyPatch, refused_port: int) -> TcpApi:
 def lookup(monkeypatch: pytest.MonkeyPatch) -> MutableLookup:
     """A fake VM lookup installed for hvsock's name resolution."""
     fake = MutableLookup({"my-vm": VM_A, "wsl": VM_B})
-    monkeypatch.setattr(hvsock, "_resolver", hyperv.VmResolver(fake, min_refresh=0))
+    monkeypatch.setattr(hvsock, "_resolver", VmResolver(fake, min_refresh=0))
     return fake
 
 
@@ -789,7 +791,7 @@ async def test_listen_connect_relay(api: TcpApi, lookup: MutableLookup, model: s
     with trio.fail_after(LIMIT):
         listener = await hvsock.open_hvsock_listener(hv("hvsock://any/0"), options)
         assert listener.model == model
-        assert listener.vm_id == hyperv.HV_GUID_ZERO
+        assert listener.vm_id == HV_GUID_ZERO
         assert isinstance(listener.inner, trio.SocketListener if model == "readiness" else ThreadSocketListener)
         port = listener.socket.getsockname()[1]
         assert endpoints.listener_address(listener) == f"tcp://127.0.0.1:{port}"
@@ -880,7 +882,7 @@ async def test_listen_errors(api: TcpApi, model: str) -> None:
             with pytest.raises(EndpointError) as info:
                 await hvsock.open_hvsock_listener(hv(f"hvsock://any/{port}"), RouteOptions())
         assert str(info.value) == (
-            f"listen hvsock://00000000-0000-0000-0000-000000000000/{hyperv.service_id_for_port(port)}:"
+            f"listen hvsock://00000000-0000-0000-0000-000000000000/{service_id_for_port(port)}:"
             " address already in use; another process listens on this VmId and service GUID"
         )
         api.fail_suspend = True
@@ -1020,11 +1022,11 @@ async def test_io_model_bad_env_probes(
 
 
 async def test_peer_vm_allowed(lookup: MutableLookup, caplog: pytest.LogCaptureFixture) -> None:
-    peer = (str(VM_A).upper(), str(hyperv.service_id_for_port(22)))
+    peer = (str(VM_A).upper(), str(service_id_for_port(22)))
     with trio.fail_after(LIMIT):
         assert await hvsock.peer_vm_allowed([VM_A], peer)
         assert await hvsock.peer_vm_allowed(["my-vm"], peer)
-        assert await hvsock.peer_vm_allowed([hyperv.HV_GUID_ZERO], peer)
+        assert await hvsock.peer_vm_allowed([HV_GUID_ZERO], peer)
         assert not await hvsock.peer_vm_allowed([VM_B, "wsl"], peer)
         assert not await hvsock.peer_vm_allowed([VM_A], ("127.0.0.1", 22))
         assert not await hvsock.peer_vm_allowed(["db"], peer)
@@ -1035,7 +1037,7 @@ async def test_peer_vm_allowed(lookup: MutableLookup, caplog: pytest.LogCaptureF
 async def test_resolver_setup(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hvsock, "_resolver", None)
     default = hvsock.vm_resolver()
-    assert isinstance(default.lookup, hyperv.SubprocessVmLookup)
+    assert isinstance(default.lookup, SubprocessVmLookup)
     assert hvsock.vm_resolver() is default
     fake = MutableLookup({"x": VM_A})
     hvsock.set_vm_lookup(fake)
@@ -1052,11 +1054,11 @@ VM_C = uuid.UUID("0b1e2f3a-0000-4000-8000-0000000000c3")
 
 
 @pytest.fixture
-def wsl_restarts(api: TcpApi) -> tuple[MutableLookup, hyperv.VmResolver]:
+def wsl_restarts(api: TcpApi) -> tuple[MutableLookup, VmResolver]:
     """WSL's VM as VM_B on 127.0.0.2; after a restart it is VM_C on 127.0.0.3. The lookup is injected."""
     api.hosts.update({VM_B: "127.0.0.2", VM_C: "127.0.0.3"})
     lookup = MutableLookup({"wsl": VM_B, "my-vm": VM_A})
-    return lookup, hyperv.VmResolver(lookup, min_refresh=0)
+    return lookup, VmResolver(lookup, min_refresh=0)
 
 
 async def connect_and_accept(listener: hvsock.HvSocketListener) -> None:
@@ -1078,7 +1080,7 @@ def refused(address: tuple[str, int]) -> bool:
 
 
 async def test_reload_rebinds_a_listener_whose_vm_changed(
-    api: TcpApi, wsl_restarts: tuple[MutableLookup, hyperv.VmResolver], model: str
+    api: TcpApi, wsl_restarts: tuple[MutableLookup, VmResolver], model: str
 ) -> None:
     """WSL restarted (new VmId): a reload keeps the listener object but binds it to the new VmId."""
     lookup, resolver = wsl_restarts
@@ -1114,7 +1116,7 @@ async def test_reload_rebinds_a_listener_whose_vm_changed(
 
 
 async def test_idle_listener_looks_its_vm_up_again(
-    api: TcpApi, wsl_restarts: tuple[MutableLookup, hyperv.VmResolver], model: str, caplog: pytest.LogCaptureFixture
+    api: TcpApi, wsl_restarts: tuple[MutableLookup, VmResolver], model: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Without any reload, a waiting accept() notices the new VmId and moves to it."""
     lookup, resolver = wsl_restarts
@@ -1141,7 +1143,7 @@ async def test_idle_listener_looks_its_vm_up_again(
 
 
 async def test_listener_keeps_its_socket_when_the_lookup_fails(
-    api: TcpApi, wsl_restarts: tuple[MutableLookup, hyperv.VmResolver], model: str, caplog: pytest.LogCaptureFixture
+    api: TcpApi, wsl_restarts: tuple[MutableLookup, VmResolver], model: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     lookup, resolver = wsl_restarts
     with trio.fail_after(LIMIT), caplog.at_level(logging.INFO, logger="hvbridge.hvsock"):
@@ -1166,7 +1168,7 @@ async def test_listener_keeps_its_socket_when_the_lookup_fails(
 
 
 async def test_accept_error_looks_the_vm_up_again(
-    api: TcpApi, wsl_restarts: tuple[MutableLookup, hyperv.VmResolver], model: str
+    api: TcpApi, wsl_restarts: tuple[MutableLookup, VmResolver], model: str
 ) -> None:
     """An accept() error on a VM name's socket: if the VmId changed, listen on the new one; else raise."""
     lookup, resolver = wsl_restarts
@@ -1190,7 +1192,7 @@ async def test_accept_error_looks_the_vm_up_again(
 
 async def test_guid_listener_never_looks_up(api: TcpApi, model: str) -> None:
     lookup = MutableLookup({})
-    resolver = hyperv.VmResolver(lookup)
+    resolver = VmResolver(lookup)
     with trio.fail_after(LIMIT):
         listener = await hvsock.open_hvsock_listener(
             hv(f"hvsock://{VM_A}/0"), RouteOptions(), resolver=resolver, recheck_interval=0.001

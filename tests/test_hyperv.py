@@ -1,4 +1,4 @@
-"""Tests for hvbridge.hyperv: GUID tables, the service registry logic and the VM lookup.
+"""Tests for hvbridge.hyperv (guids, registry, vms): GUID tables, the service registry logic and the VM lookup.
 
 Everything here is pure or runs fakes: MemoryRegistry for the registry, and recorded tool
 outputs (tests/data/hyperv/, see its README: written from documented formats, not captured on
@@ -19,8 +19,52 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hvbridge import hyperv
 from hvbridge.errors import HvbridgeError
+from hvbridge.hyperv.guids import (
+    HV_GUID_BROADCAST,
+    HV_GUID_CHILDREN,
+    HV_GUID_LOOPBACK,
+    HV_GUID_PARENT,
+    HV_GUID_SILOHOST,
+    HV_GUID_WILDCARD,
+    HV_GUID_ZERO,
+    MAX_VSOCK_PORT,
+    VM_WILDCARDS,
+    parse_guid,
+    port_for_service_id,
+    service_id_for_port,
+    sockaddr_text,
+    sockaddr_vm_id,
+    vm_id_matches,
+)
+from hvbridge.hyperv.registry import (
+    SERVICES_KEY_DISPLAY,
+    MemoryRegistry,
+    RegistryError,
+    ServiceEntry,
+    find_service,
+    list_services,
+    register_service,
+    unregister_service,
+)
+from hvbridge.hyperv.vms import (
+    GET_VM_SCRIPT,
+    WMI_SCRIPT,
+    CommandResult,
+    SubprocessVmLookup,
+    VmInfo,
+    VmLookupError,
+    VmResolver,
+    decode_output,
+    find_vm,
+    parse_get_vm_json,
+    parse_hcsdiag_list,
+    parse_msvm_json,
+    parse_wslinfo_vm_id,
+    powershell_argv,
+    run_command,
+    wsl_vm_id_from_hcsdiag,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -50,18 +94,18 @@ def recorded(name: str) -> bytes:
     ],
 )
 def test_vm_wildcards(name: str, guid: str) -> None:
-    assert hyperv.VM_WILDCARDS[name] == uuid.UUID(guid)
+    assert VM_WILDCARDS[name] == uuid.UUID(guid)
 
 
 def test_wildcard_constants() -> None:
-    assert hyperv.HV_GUID_WILDCARD == hyperv.HV_GUID_ZERO == uuid.UUID(int=0)
-    assert set(hyperv.VM_WILDCARDS.values()) == {
-        hyperv.HV_GUID_ZERO,
-        hyperv.HV_GUID_BROADCAST,
-        hyperv.HV_GUID_CHILDREN,
-        hyperv.HV_GUID_LOOPBACK,
-        hyperv.HV_GUID_PARENT,
-        hyperv.HV_GUID_SILOHOST,
+    assert HV_GUID_WILDCARD == HV_GUID_ZERO == uuid.UUID(int=0)
+    assert set(VM_WILDCARDS.values()) == {
+        HV_GUID_ZERO,
+        HV_GUID_BROADCAST,
+        HV_GUID_CHILDREN,
+        HV_GUID_LOOPBACK,
+        HV_GUID_PARENT,
+        HV_GUID_SILOHOST,
     }
 
 
@@ -76,14 +120,14 @@ def test_wildcard_constants() -> None:
     ],
 )
 def test_port_guid_vectors(port: int, guid: str) -> None:
-    assert hyperv.service_id_for_port(port) == uuid.UUID(guid)
-    assert hyperv.port_for_service_id(uuid.UUID(guid)) == port
+    assert service_id_for_port(port) == uuid.UUID(guid)
+    assert port_for_service_id(uuid.UUID(guid)) == port
 
 
 @pytest.mark.parametrize("port", [-1, 2**32 - 1, 2**32, 2**40])
 def test_port_out_of_range(port: int) -> None:
     with pytest.raises(ValueError, match=rf"^vsock port {port} is out of range; expected 0\.\.4294967294$"):
-        hyperv.service_id_for_port(port)
+        service_id_for_port(port)
 
 
 @pytest.mark.parametrize(
@@ -96,12 +140,12 @@ def test_port_out_of_range(port: int) -> None:
     ],
 )
 def test_guid_off_template(guid: str) -> None:
-    assert hyperv.port_for_service_id(uuid.UUID(guid)) is None
+    assert port_for_service_id(uuid.UUID(guid)) is None
 
 
-@given(st.integers(min_value=0, max_value=hyperv.MAX_VSOCK_PORT))
+@given(st.integers(min_value=0, max_value=MAX_VSOCK_PORT))
 def test_port_roundtrip(port: int) -> None:
-    assert hyperv.port_for_service_id(hyperv.service_id_for_port(port)) == port
+    assert port_for_service_id(service_id_for_port(port)) == port
 
 
 @pytest.mark.parametrize(
@@ -110,61 +154,71 @@ def test_port_roundtrip(port: int) -> None:
         "00000ac9-facb-11e6-bd58-64006a7986d3",
         "00000AC9-FACB-11E6-BD58-64006A7986D3",
         "{00000AC9-FACB-11E6-BD58-64006A7986D3}",
-        "  {00000ac9-facb-11e6-bd58-64006a7986d3}\r\n",
+        "00000ac9facb11e6bd5864006a7986d3",
+        "{00000AC9FACB11E6BD5864006A7986D3}",
     ],
 )
 def test_parse_guid_forms(text: str) -> None:
-    assert hyperv.parse_guid(text) == uuid.UUID("00000ac9-facb-11e6-bd58-64006a7986d3")
+    assert parse_guid(text) == uuid.UUID("00000ac9-facb-11e6-bd58-64006a7986d3")
 
 
 @pytest.mark.parametrize(
-    "text", ["", "wsl1", "00000ac9facb11e6bd5864006a7986d3", "{00000ac9-facb-11e6-bd58-64006a7986d3", "urn:uuid:x"]
+    "text",
+    [
+        "",
+        "wsl1",
+        "  {00000ac9-facb-11e6-bd58-64006a7986d3}\r\n",
+        "{00000ac9-facb-11e6-bd58-64006a7986d3",
+        "00000ac9-facb-11e6-bd58-64006a7986d3}",
+        "00000ac9_facb_11e6_bd58_64006a7986d3",
+        "urn:uuid:00000ac9-facb-11e6-bd58-64006a7986d3",
+    ],
 )
 def test_parse_guid_rejects(text: str) -> None:
     with pytest.raises(ValueError, match=r"is not a GUID; expected e\.g\. "):
-        hyperv.parse_guid(text)
+        parse_guid(text)
 
 
 def test_sockaddr_helpers() -> None:
     vm, service = "E0E16197-DD56-4A10-9195-5EE7A155A838", "00000016-facb-11e6-bd58-64006a7986d3"
-    assert hyperv.sockaddr_vm_id((vm, service)) == hyperv.HV_GUID_LOOPBACK
-    assert hyperv.sockaddr_text((vm, service)) == f"hvsock://{hyperv.HV_GUID_LOOPBACK}/{service}"
+    assert sockaddr_vm_id((vm, service)) == HV_GUID_LOOPBACK
+    assert sockaddr_text((vm, service)) == f"hvsock://{HV_GUID_LOOPBACK}/{service}"
     others: list[object] = [("127.0.0.1", 22), ("x", service), (vm,), "/run/x.sock", None]
     for other in others:
-        assert hyperv.sockaddr_text(other) is None
+        assert sockaddr_text(other) is None
     for other in [("127.0.0.1", 22), ("nope", service), "/run/x.sock"]:
-        assert hyperv.sockaddr_vm_id(other) is None
+        assert sockaddr_vm_id(other) is None
 
 
 def test_vm_id_matches() -> None:
     vm = uuid.UUID("3f2504e0-4f89-41d3-9a0c-0305e82c3301")
-    assert hyperv.vm_id_matches(vm, vm)
-    assert hyperv.vm_id_matches(hyperv.HV_GUID_ZERO, vm)
-    assert not hyperv.vm_id_matches(hyperv.HV_GUID_PARENT, vm)
+    assert vm_id_matches(vm, vm)
+    assert vm_id_matches(HV_GUID_ZERO, vm)
+    assert not vm_id_matches(HV_GUID_PARENT, vm)
 
 
 # ---------------------------------------------------------------------------- registry
 
-SSH = hyperv.service_id_for_port(22)
+SSH = service_id_for_port(22)
 INBOX = uuid.UUID("999e53d4-3d5c-4c3e-8779-bed06ec056e1")
-KEY = hyperv.SERVICES_KEY_DISPLAY
+KEY = SERVICES_KEY_DISPLAY
 
 
 def test_register_list_unregister() -> None:
-    registry = hyperv.MemoryRegistry({"999E53D4-3D5C-4C3E-8779-BED06EC056E1": "VM Session Service"})
-    entry = hyperv.register_service(registry, SSH, "hvbridge ssh")
-    assert entry == hyperv.ServiceEntry(SSH, "hvbridge ssh", "00000016-FACB-11E6-BD58-64006A7986D3")
+    registry = MemoryRegistry({"999E53D4-3D5C-4C3E-8779-BED06EC056E1": "VM Session Service"})
+    entry = register_service(registry, SSH, "hvbridge ssh")
+    assert entry == ServiceEntry(SSH, "hvbridge ssh", "00000016-FACB-11E6-BD58-64006A7986D3")
     assert registry.services["00000016-FACB-11E6-BD58-64006A7986D3"] == "hvbridge ssh"
-    assert [(e.service_id, e.vsock_port, e.name) for e in hyperv.list_services(registry)] == [
+    assert [(e.service_id, e.vsock_port, e.name) for e in list_services(registry)] == [
         (SSH, 22, "hvbridge ssh"),
         (INBOX, None, "VM Session Service"),
     ]
-    assert hyperv.unregister_service(registry, SSH) == entry
+    assert unregister_service(registry, SSH) == entry
     assert list(registry.services) == ["999E53D4-3D5C-4C3E-8779-BED06EC056E1"]
 
 
 def test_list_orders_and_skips() -> None:
-    registry = hyperv.MemoryRegistry(
+    registry = MemoryRegistry(
         {
             "{999e53d4-3d5c-4c3e-8779-bed06ec056e1}": None,  # no ElementName
             "0000ABCD-FACB-11E6-BD58-64006A7986D3": "b",
@@ -173,7 +227,7 @@ def test_list_orders_and_skips() -> None:
             "0b1e2f3a-0000-4000-8000-000000000001": "c",
         }
     )
-    assert [(e.vsock_port, e.name, e.key) for e in hyperv.list_services(registry)] == [
+    assert [(e.vsock_port, e.name, e.key) for e in list_services(registry)] == [
         (22, "a", "00000016-facb-11e6-bd58-64006a7986d3"),
         (0xABCD, "b", "0000ABCD-FACB-11E6-BD58-64006A7986D3"),
         (None, "c", "0b1e2f3a-0000-4000-8000-000000000001"),
@@ -190,14 +244,14 @@ def test_list_orders_and_skips() -> None:
     ],
 )
 def test_register_refuses_duplicate(existing_key: str, existing_name: str | None) -> None:
-    registry = hyperv.MemoryRegistry({existing_key: existing_name})
+    registry = MemoryRegistry({existing_key: existing_name})
     named = " as 'old'" if existing_name else ""
     message = (
         f"service {SSH} is already registered{named} ({KEY}\\{existing_key}); unregister it first"
         f" (hvbridge hyperv unregister --service {SSH}) or use another port"
     )
-    with pytest.raises(hyperv.RegistryError) as info:
-        hyperv.register_service(registry, SSH, "new")
+    with pytest.raises(RegistryError) as info:
+        register_service(registry, SSH, "new")
     assert str(info.value) == message
     assert registry.services == {existing_key: existing_name}
 
@@ -207,7 +261,7 @@ def test_register_race_with_another_process() -> None:
     class Racing:
         """read_services() shows nothing, then create_service() finds the key."""
 
-        inner: hyperv.MemoryRegistry
+        inner: MemoryRegistry
 
         def read_services(self) -> list[tuple[str, str | None]]:
             return []
@@ -218,16 +272,16 @@ def test_register_race_with_another_process() -> None:
         def delete_service(self, key: str) -> None:
             raise NotImplementedError
 
-    registry = Racing(hyperv.MemoryRegistry({"00000016-FACB-11E6-BD58-64006A7986D3": "other"}))
-    with pytest.raises(hyperv.RegistryError, match=r"^service 00000016-.* is already registered \("):
-        hyperv.register_service(registry, SSH, "new")
+    registry = Racing(MemoryRegistry({"00000016-FACB-11E6-BD58-64006A7986D3": "other"}))
+    with pytest.raises(RegistryError, match=r"^service 00000016-.* is already registered \("):
+        register_service(registry, SSH, "new")
 
 
 @pytest.mark.parametrize("name", ["", "   ", "bad\nname", "tab\there"])
 def test_register_rejects_bad_names(name: str) -> None:
-    registry = hyperv.MemoryRegistry()
-    with pytest.raises(hyperv.RegistryError, match=r"^invalid service name .*; expected a non-empty name"):
-        hyperv.register_service(registry, SSH, name)
+    registry = MemoryRegistry()
+    with pytest.raises(RegistryError, match=r"^invalid service name .*; expected a non-empty name"):
+        register_service(registry, SSH, name)
     assert registry.services == {}
 
 
@@ -242,33 +296,33 @@ MISSING = (
 
 
 def test_register_without_admin_rights() -> None:
-    registry = hyperv.MemoryRegistry(writable=False)
-    with pytest.raises(hyperv.RegistryError) as info:
-        hyperv.register_service(registry, SSH, "ssh")
+    registry = MemoryRegistry(writable=False)
+    with pytest.raises(RegistryError) as info:
+        register_service(registry, SSH, "ssh")
     assert str(info.value) == f"cannot register service {SSH}: {ADMIN}"
     assert isinstance(info.value, HvbridgeError)
     assert isinstance(info.value.__cause__, PermissionError)
 
 
 def test_unregister_without_admin_rights() -> None:
-    registry = hyperv.MemoryRegistry({"00000016-FACB-11E6-BD58-64006A7986D3": "ssh"}, writable=False)
-    with pytest.raises(hyperv.RegistryError) as info:
-        hyperv.unregister_service(registry, SSH)
+    registry = MemoryRegistry({"00000016-FACB-11E6-BD58-64006A7986D3": "ssh"}, writable=False)
+    with pytest.raises(RegistryError) as info:
+        unregister_service(registry, SSH)
     assert str(info.value) == f"cannot unregister service {SSH}: {ADMIN}"
     assert registry.services  # still there
 
 
 def test_registry_missing() -> None:
-    registry = hyperv.MemoryRegistry(exists=False)
-    with pytest.raises(hyperv.RegistryError) as info:
-        hyperv.list_services(registry)
+    registry = MemoryRegistry(exists=False)
+    with pytest.raises(RegistryError) as info:
+        list_services(registry)
     assert str(info.value) == f"cannot list Hyper-V services: {MISSING}"
 
 
 def test_unregister_unknown() -> None:
-    registry = hyperv.MemoryRegistry({"999E53D4-3D5C-4C3E-8779-BED06EC056E1": "VM Session Service"})
-    with pytest.raises(hyperv.RegistryError) as info:
-        hyperv.unregister_service(registry, SSH)
+    registry = MemoryRegistry({"999E53D4-3D5C-4C3E-8779-BED06EC056E1": "VM Session Service"})
+    with pytest.raises(RegistryError) as info:
+        unregister_service(registry, SSH)
     assert str(info.value) == (
         f"service {SSH} is not registered under {KEY}; `hvbridge hyperv services` lists the registered ones"
     )
@@ -286,44 +340,44 @@ def test_other_registry_errors_keep_strerror() -> None:
         def delete_service(self, key: str) -> None:
             raise NotImplementedError
 
-    with pytest.raises(hyperv.RegistryError) as info:
-        hyperv.register_service(Broken(), SSH, "ssh")
+    with pytest.raises(RegistryError) as info:
+        register_service(Broken(), SSH, "ssh")
     assert str(info.value) == f"cannot register service {SSH}: The configuration registry database is corrupt"
 
 
 def test_memory_registry_delete_missing() -> None:
-    registry = hyperv.MemoryRegistry()
+    registry = MemoryRegistry()
     with pytest.raises(FileNotFoundError):
         registry.delete_service("00000016-FACB-11E6-BD58-64006A7986D3")
 
 
 def test_find_service() -> None:
-    registry = hyperv.MemoryRegistry({"00000016-facb-11e6-bd58-64006a7986d3": "ssh"})
-    assert hyperv.find_service(registry, SSH) == hyperv.ServiceEntry(SSH, "ssh", "00000016-facb-11e6-bd58-64006a7986d3")
-    assert hyperv.find_service(registry, INBOX) is None
+    registry = MemoryRegistry({"00000016-facb-11e6-bd58-64006a7986d3": "ssh"})
+    assert find_service(registry, SSH) == ServiceEntry(SSH, "ssh", "00000016-facb-11e6-bd58-64006a7986d3")
+    assert find_service(registry, INBOX) is None
 
 
 # ---------------------------------------------------------------------------- parsers
 
-BUILD = hyperv.VmInfo("build-01", uuid.UUID("3f2504e0-4f89-41d3-9a0c-0305e82c3301"), "Running")
-UBUNTU = hyperv.VmInfo("Ubuntu 24.04", uuid.UUID("8c0f6c57-2f1e-4d8b-9f53-1b7e6d8a9a10"), "Off")
-WATCH = hyperv.VmInfo("Überwachung", uuid.UUID("d1c8b2a4-77e5-4c1e-a0b6-5f0e2c9d4b7e"), "Saved")
+BUILD = VmInfo("build-01", uuid.UUID("3f2504e0-4f89-41d3-9a0c-0305e82c3301"), "Running")
+UBUNTU = VmInfo("Ubuntu 24.04", uuid.UUID("8c0f6c57-2f1e-4d8b-9f53-1b7e6d8a9a10"), "Off")
+WATCH = VmInfo("Überwachung", uuid.UUID("d1c8b2a4-77e5-4c1e-a0b6-5f0e2c9d4b7e"), "Saved")
 WSL = uuid.UUID("6c0f1a3e-9d2b-4f4e-8a77-2e1d5b9c0f42")
 
 
 def test_parse_get_vm() -> None:
-    assert hyperv.parse_get_vm_json(hyperv.decode_output(recorded("get-vm.json"))) == [BUILD, UBUNTU, WATCH]
+    assert parse_get_vm_json(decode_output(recorded("get-vm.json"))) == [BUILD, UBUNTU, WATCH]
 
 
 def test_parse_get_vm_single_object() -> None:
-    text = hyperv.decode_output(recorded("get-vm-single.json"))
-    assert hyperv.parse_get_vm_json(text) == [attrs.evolve(BUILD, state="2")]
+    text = decode_output(recorded("get-vm-single.json"))
+    assert parse_get_vm_json(text) == [attrs.evolve(BUILD, state="2")]
 
 
 @pytest.mark.parametrize("text", ["", "\r\n", "[]", "[]\r\n"])
 def test_parse_get_vm_empty(text: str) -> None:
-    assert hyperv.parse_get_vm_json(text) == []
-    assert hyperv.parse_get_vm_json(hyperv.decode_output(recorded("get-vm-empty.json"))) == []
+    assert parse_get_vm_json(text) == []
+    assert parse_get_vm_json(decode_output(recorded("get-vm-empty.json"))) == []
 
 
 @pytest.mark.parametrize(
@@ -336,8 +390,8 @@ def test_parse_get_vm_empty(text: str) -> None:
     ],
 )
 def test_parse_get_vm_errors(text: str, message: str) -> None:
-    with pytest.raises(hyperv.VmLookupError, match=message):
-        hyperv.parse_get_vm_json(text)
+    with pytest.raises(VmLookupError, match=message):
+        parse_get_vm_json(text)
 
 
 def test_parse_get_vm_state_forms() -> None:
@@ -345,19 +399,19 @@ def test_parse_get_vm_state_forms() -> None:
         '[{"Name":"a","VMId":"3f2504e0-4f89-41d3-9a0c-0305e82c3301","State":null},'
         '{"Name":"b","Id":"3f2504e0-4f89-41d3-9a0c-0305e82c3302","State":true}]'
     )
-    assert [vm.state for vm in hyperv.parse_get_vm_json(text)] == ["Unknown", "True"]
+    assert [vm.state for vm in parse_get_vm_json(text)] == ["Unknown", "True"]
 
 
 def test_parse_msvm() -> None:
-    text = hyperv.decode_output(recorded("msvm-computersystem.json"))
-    assert hyperv.parse_msvm_json(text) == [BUILD, UBUNTU, WATCH]
+    text = decode_output(recorded("msvm-computersystem.json"))
+    assert parse_msvm_json(text) == [BUILD, UBUNTU, WATCH]
 
 
 def test_parse_msvm_errors_and_states() -> None:
-    with pytest.raises(hyperv.VmLookupError, match=r"^unexpected output from Msvm_ComputerSystem: expected"):
-        hyperv.parse_msvm_json('[{"ElementName": 1}]')
+    with pytest.raises(VmLookupError, match=r"^unexpected output from Msvm_ComputerSystem: expected"):
+        parse_msvm_json('[{"ElementName": 1}]')
     text = '{"ElementName":"a","Name":"3f2504e0-4f89-41d3-9a0c-0305e82c3301","EnabledState":12345}'
-    assert hyperv.parse_msvm_json(text)[0].state == "12345"
+    assert parse_msvm_json(text)[0].state == "12345"
 
 
 @pytest.mark.parametrize(
@@ -367,38 +421,38 @@ def test_parse_msvm_errors_and_states() -> None:
 def test_parse_msvm_v2_states(enabled_state: int, shown: str) -> None:
     """root/virtualization/v2 reports a paused VM as 9 (Quiesce) and a saved one as 6 (Enabled but Offline)."""
     text = f'{{"ElementName":"a","Name":"3f2504e0-4f89-41d3-9a0c-0305e82c3301","EnabledState":{enabled_state}}}'
-    assert hyperv.parse_msvm_json(text)[0].state == shown
+    assert parse_msvm_json(text)[0].state == shown
 
 
 def test_parse_wslinfo() -> None:
-    assert hyperv.parse_wslinfo_vm_id(hyperv.decode_output(recorded("wslinfo-vm-id.txt"))) == WSL
-    assert hyperv.parse_wslinfo_vm_id("{6C0F1A3E-9D2B-4F4E-8A77-2E1D5B9C0F42}") == WSL
-    with pytest.raises(hyperv.VmLookupError, match=r"^the default WSL distribution runs under WSL 1"):
-        hyperv.parse_wslinfo_vm_id(hyperv.decode_output(recorded("wslinfo-wsl1.txt")))
-    with pytest.raises(hyperv.VmLookupError, match=r"^unexpected output from wslinfo --vm-id: 'Usage: "):
-        hyperv.parse_wslinfo_vm_id("Usage: wslinfo [--networking-mode]")
+    assert parse_wslinfo_vm_id(decode_output(recorded("wslinfo-vm-id.txt"))) == WSL
+    assert parse_wslinfo_vm_id("{6C0F1A3E-9D2B-4F4E-8A77-2E1D5B9C0F42}") == WSL
+    with pytest.raises(VmLookupError, match=r"^the default WSL distribution runs under WSL 1"):
+        parse_wslinfo_vm_id(decode_output(recorded("wslinfo-wsl1.txt")))
+    with pytest.raises(VmLookupError, match=r"^unexpected output from wslinfo --vm-id: 'Usage: "):
+        parse_wslinfo_vm_id("Usage: wslinfo [--networking-mode]")
 
 
 def test_parse_hcsdiag() -> None:
-    text = hyperv.decode_output(recorded("hcsdiag-list.txt"))
-    assert hyperv.parse_hcsdiag_list(text) == [
+    text = decode_output(recorded("hcsdiag-list.txt"))
+    assert parse_hcsdiag_list(text) == [
         (WSL, "Running", "WSL"),
         (uuid.UUID("a1b2c3d4-e5f6-4711-8899-aabbccddeeff"), "Running", "Docker"),
     ]
-    assert hyperv.wsl_vm_id_from_hcsdiag(text) == WSL
+    assert wsl_vm_id_from_hcsdiag(text) == WSL
     # hcsdiag may print UTF-16 like wsl.exe does.
-    assert hyperv.wsl_vm_id_from_hcsdiag(hyperv.decode_output(text.encode("utf-16-le"))) == WSL
+    assert wsl_vm_id_from_hcsdiag(decode_output(text.encode("utf-16-le"))) == WSL
 
 
 def test_hcsdiag_no_or_several_wsl_vms() -> None:
     line = "    VM,   {state}, {guid}, WSL"
     stopped = line.format(state="Stopped", guid=WSL)
-    with pytest.raises(hyperv.VmLookupError, match=r"^no running WSL2 VM; start WSL \(wsl\.exe\) and try again$"):
-        hyperv.wsl_vm_id_from_hcsdiag(stopped + "\n    a, b, not-a-guid, WSL\n")
+    with pytest.raises(VmLookupError, match=r"^no running WSL2 VM; start WSL \(wsl\.exe\) and try again$"):
+        wsl_vm_id_from_hcsdiag(stopped + "\n    a, b, not-a-guid, WSL\n")
     other = uuid.UUID("a1b2c3d4-e5f6-4711-8899-aabbccddeeff")
     two = line.format(state="Running", guid=WSL) + "\n" + line.format(state="Running", guid=other)
-    with pytest.raises(hyperv.VmLookupError, match=r"^several running WSL VMs \(6c0f.*, a1b2.*\); give the VmId"):
-        hyperv.wsl_vm_id_from_hcsdiag(two)
+    with pytest.raises(VmLookupError, match=r"^several running WSL VMs \(6c0f.*, a1b2.*\); give the VmId"):
+        wsl_vm_id_from_hcsdiag(two)
 
 
 @pytest.mark.parametrize(
@@ -413,7 +467,7 @@ def test_hcsdiag_no_or_several_wsl_vms() -> None:
     ],
 )
 def test_decode_output(data: bytes, text: str) -> None:
-    assert hyperv.decode_output(data) == text
+    assert decode_output(data) == text
 
 
 # ---------------------------------------------------------------------------- VM lookup
@@ -423,51 +477,51 @@ def test_decode_output(data: bytes, text: str) -> None:
 class FakeRunner:
     """A Runner answering by program name from a table; records every argv."""
 
-    answers: dict[str, hyperv.CommandResult | BaseException]
+    answers: dict[str, CommandResult | BaseException]
     calls: list[list[str]] = attrs.field(factory=list)
 
-    def __call__(self, argv: Sequence[str], timeout: float) -> hyperv.CommandResult:
+    def __call__(self, argv: Sequence[str], timeout: float) -> CommandResult:
         assert timeout == 60.0
         self.calls.append(list(argv))
         key = argv[0]
         if key == "powershell.exe":
             script = base64.b64decode(argv[-1]).decode("utf-16-le")
-            key = "Get-VM" if script == hyperv.GET_VM_SCRIPT else "WMI"
-            assert script in (hyperv.GET_VM_SCRIPT, hyperv.WMI_SCRIPT)
+            key = "Get-VM" if script == GET_VM_SCRIPT else "WMI"
+            assert script in (GET_VM_SCRIPT, WMI_SCRIPT)
         answer = self.answers[key]
         if isinstance(answer, BaseException):
             raise answer
         return answer
 
 
-def ok(data: bytes) -> hyperv.CommandResult:
+def ok(data: bytes) -> CommandResult:
     """A successful run that printed `data`."""
-    return hyperv.CommandResult(0, data, b"")
+    return CommandResult(0, data, b"")
 
 
-def failed(stderr: bytes, code: int = 1) -> hyperv.CommandResult:
+def failed(stderr: bytes, code: int = 1) -> CommandResult:
     """A failed run."""
-    return hyperv.CommandResult(code, b"", stderr)
+    return CommandResult(code, b"", stderr)
 
 
 def test_powershell_argv_is_encoded() -> None:
-    argv = hyperv.powershell_argv(hyperv.GET_VM_SCRIPT)
+    argv = powershell_argv(GET_VM_SCRIPT)
     assert argv[:-1] == ["powershell.exe", "-NoLogo", "-NoProfile", "-NonInteractive", "-EncodedCommand"]
-    assert base64.b64decode(argv[-1]).decode("utf-16-le") == hyperv.GET_VM_SCRIPT
-    assert "Get-VM" in hyperv.GET_VM_SCRIPT
-    assert "Msvm_ComputerSystem" in hyperv.WMI_SCRIPT
+    assert base64.b64decode(argv[-1]).decode("utf-16-le") == GET_VM_SCRIPT
+    assert "Get-VM" in GET_VM_SCRIPT
+    assert "Msvm_ComputerSystem" in WMI_SCRIPT
 
 
 def test_lookup_uses_get_vm() -> None:
     runner = FakeRunner({"Get-VM": ok(recorded("get-vm.json"))})
-    assert hyperv.SubprocessVmLookup(runner).list_vms() == [BUILD, UBUNTU, WATCH]
+    assert SubprocessVmLookup(runner).list_vms() == [BUILD, UBUNTU, WATCH]
     assert len(runner.calls) == 1
 
 
 def test_lookup_falls_back_to_wmi() -> None:
     missing = b"Get-VM : The term 'Get-VM' is not recognized as the name of a cmdlet\r\nAt line:4 char:12\r\n"
     runner = FakeRunner({"Get-VM": failed(missing), "WMI": ok(recorded("msvm-computersystem.json"))})
-    assert hyperv.SubprocessVmLookup(runner).list_vms() == [BUILD, UBUNTU, WATCH]
+    assert SubprocessVmLookup(runner).list_vms() == [BUILD, UBUNTU, WATCH]
     assert len(runner.calls) == 2
 
 
@@ -475,8 +529,8 @@ def test_lookup_both_fail() -> None:
     runner = FakeRunner(
         {"Get-VM": failed(b"Get-VM : You do not have the required permission\r\n"), "WMI": failed(b"", 5)}
     )
-    with pytest.raises(hyperv.VmLookupError) as info:
-        hyperv.SubprocessVmLookup(runner).list_vms()
+    with pytest.raises(VmLookupError) as info:
+        SubprocessVmLookup(runner).list_vms()
     assert str(info.value) == (
         "cannot list Hyper-V VMs (Get-VM: exit status 1: Get-VM : You do not have the required permission;"
         " Msvm_ComputerSystem: exit status 5); this needs Hyper-V and membership in 'Hyper-V Administrators'"
@@ -494,48 +548,48 @@ def test_lookup_both_fail() -> None:
 )
 def test_lookup_cannot_run(error: BaseException, reason: str) -> None:
     runner = FakeRunner({"Get-VM": error, "WMI": error})
-    with pytest.raises(hyperv.VmLookupError, match=rf"^cannot list Hyper-V VMs \(Get-VM: {reason}; Msvm_"):
-        hyperv.SubprocessVmLookup(runner).list_vms()
+    with pytest.raises(VmLookupError, match=rf"^cannot list Hyper-V VMs \(Get-VM: {reason}; Msvm_"):
+        SubprocessVmLookup(runner).list_vms()
 
 
 def test_wsl_from_wslinfo() -> None:
     runner = FakeRunner({"wsl.exe": ok(recorded("wslinfo-vm-id.txt"))})
-    assert hyperv.SubprocessVmLookup(runner).wsl_vm_id() == WSL
+    assert SubprocessVmLookup(runner).wsl_vm_id() == WSL
     assert runner.calls == [["wsl.exe", "--exec", "wslinfo", "--vm-id"]]
 
 
 def test_wsl_wsl1_is_final() -> None:
     runner = FakeRunner({"wsl.exe": ok(recorded("wslinfo-wsl1.txt"))})
-    with pytest.raises(hyperv.VmLookupError, match=r"runs under WSL 1"):
-        hyperv.SubprocessVmLookup(runner).wsl_vm_id()
+    with pytest.raises(VmLookupError, match=r"runs under WSL 1"):
+        SubprocessVmLookup(runner).wsl_vm_id()
 
 
 def test_wsl_falls_back_to_hcsdiag() -> None:
     old_wslinfo = failed(b"wslinfo: unrecognized option '--vm-id'\n")
     runner = FakeRunner({"wsl.exe": old_wslinfo, "hcsdiag.exe": ok(recorded("hcsdiag-list.txt"))})
-    assert hyperv.SubprocessVmLookup(runner).wsl_vm_id() == WSL
+    assert SubprocessVmLookup(runner).wsl_vm_id() == WSL
     assert runner.calls[1] == ["hcsdiag.exe", "list"]
 
 
 def test_wsl_all_fail() -> None:
     not_installed = failed("Windows Subsystem for Linux is not installed.\r\n".encode("utf-16-le"), 0xFFFFFFFF)
     runner = FakeRunner({"wsl.exe": not_installed, "hcsdiag.exe": FileNotFoundError(2, "x")})
-    with pytest.raises(hyperv.VmLookupError) as info:
-        hyperv.SubprocessVmLookup(runner).wsl_vm_id()
+    with pytest.raises(VmLookupError) as info:
+        SubprocessVmLookup(runner).wsl_vm_id()
     assert str(info.value) == (
         "cannot find the WSL2 VM id (wslinfo --vm-id: exit status 4294967295: Windows Subsystem for Linux is not"
         " installed.; hcsdiag: hcsdiag.exe not found); update WSL (wsl --update) for `wslinfo --vm-id`, or run"
         " as administrator for `hcsdiag list`, or give the VmId as a GUID"
     )
     runner = FakeRunner({"wsl.exe": FileNotFoundError(2, "x"), "hcsdiag.exe": failed(b"Access is denied.\r\n")})
-    with pytest.raises(hyperv.VmLookupError, match=r"^cannot find the WSL2 VM id \(wslinfo: wsl.exe not found;"):
-        hyperv.SubprocessVmLookup(runner).wsl_vm_id()
+    with pytest.raises(VmLookupError, match=r"^cannot find the WSL2 VM id \(wslinfo: wsl.exe not found;"):
+        SubprocessVmLookup(runner).wsl_vm_id()
 
 
 def test_run_command_runs_an_argument_list() -> None:
     script = "import sys; print(sys.argv[1]); sys.stderr.write('e'); sys.exit(3)"
-    result = hyperv.run_command([sys.executable, "-c", script, "a b; $(x)"], 30.0)
-    assert result == hyperv.CommandResult(3, b"a b; $(x)\n", b"e")
+    result = run_command([sys.executable, "-c", script, "a b; $(x)"], 30.0)
+    assert result == CommandResult(3, b"a b; $(x)\n", b"e")
 
 
 # ---------------------------------------------------------------------------- resolver
@@ -549,13 +603,13 @@ class RecordedLookup:
     wsl_file: str = "wslinfo-vm-id.txt"
     asked: int = 0
 
-    def list_vms(self) -> list[hyperv.VmInfo]:
+    def list_vms(self) -> list[VmInfo]:
         self.asked += 1
-        return hyperv.parse_get_vm_json(hyperv.decode_output(recorded(self.vms_file)))
+        return parse_get_vm_json(decode_output(recorded(self.vms_file)))
 
     def wsl_vm_id(self) -> uuid.UUID:
         self.asked += 1
-        return hyperv.parse_wslinfo_vm_id(hyperv.decode_output(recorded(self.wsl_file)))
+        return parse_wslinfo_vm_id(decode_output(recorded(self.wsl_file)))
 
 
 @attrs.define
@@ -571,7 +625,7 @@ class FakeClock:
 def test_resolver() -> None:
     lookup = RecordedLookup()
     clock = FakeClock()
-    resolver = hyperv.VmResolver(lookup, min_refresh=10.0, clock=clock)
+    resolver = VmResolver(lookup, min_refresh=10.0, clock=clock)
     assert resolver.resolve(BUILD.vm_id) == BUILD.vm_id
     assert lookup.asked == 0
     assert resolver.resolve("build-01") == BUILD.vm_id
@@ -590,28 +644,28 @@ def test_resolver() -> None:
 
 def test_resolver_refresh_sees_new_id() -> None:
     lookup = RecordedLookup()
-    resolver = hyperv.VmResolver(lookup, min_refresh=0)
+    resolver = VmResolver(lookup, min_refresh=0)
     assert resolver.resolve("wsl") == WSL
     lookup.wsl_file = "hcsdiag-list.txt"  # not wslinfo output: the lookup now fails
     assert resolver.resolve("wsl") == WSL  # cached
-    with pytest.raises(hyperv.VmLookupError):
+    with pytest.raises(VmLookupError):
         resolver.resolve("wsl", refresh=True)
 
 
 def test_find_vm() -> None:
     vms = [BUILD, attrs.evolve(UBUNTU, name="Build-01"), WATCH]
-    assert hyperv.find_vm(vms, "build-01") == BUILD  # the exact match wins
-    assert hyperv.find_vm(vms, "Build-01").vm_id == UBUNTU.vm_id
-    with pytest.raises(hyperv.VmLookupError) as info:
-        hyperv.find_vm(vms, "BUILD-01")
+    assert find_vm(vms, "build-01") == BUILD  # the exact match wins
+    assert find_vm(vms, "Build-01").vm_id == UBUNTU.vm_id
+    with pytest.raises(VmLookupError) as info:
+        find_vm(vms, "BUILD-01")
     assert str(info.value) == (
         f"2 Hyper-V VMs are named 'BUILD-01' ({BUILD.vm_id}, {UBUNTU.vm_id}); use the VmId instead of the name"
     )
-    with pytest.raises(hyperv.VmLookupError) as info:
-        hyperv.find_vm(vms, "db")
+    with pytest.raises(VmLookupError) as info:
+        find_vm(vms, "db")
     assert str(info.value) == (
         "no Hyper-V VM is named 'db' (VMs on this host: Build-01, build-01, Überwachung);"
         " `hvbridge hyperv vms` lists names and VmIds"
     )
-    with pytest.raises(hyperv.VmLookupError, match=r"\(VMs on this host: none\)"):
-        hyperv.find_vm([], "db")
+    with pytest.raises(VmLookupError, match=r"\(VMs on this host: none\)"):
+        find_vm([], "db")

@@ -33,9 +33,10 @@ from conftest import (
 )
 
 import hvbridge
-from hvbridge import endpoints, hyperv, service, splice
+from hvbridge import endpoints, service, splice
 from hvbridge.config import format_table, table_from_mapping
 from hvbridge.hvsock import ThreadSocketStream
+from hvbridge.hyperv.registry import SERVICES_KEY
 
 # Windows only (conftest.py collects this file nowhere else); mypy on Linux skips the rest.
 assert sys.platform == "win32"
@@ -295,7 +296,7 @@ def test_registry_round_trip() -> None:
     registered = run_hvbridge("hyperv", "register", "--name", "hvbridge lane", "--port", str(port))
     assert registered.returncode == 0, registered.stderr
     try:
-        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, rf"{hyperv.SERVICES_KEY}\{guid}") as key:
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, rf"{SERVICES_KEY}\{guid}") as key:
             assert winreg.QueryValueEx(key, "ElementName")[0] == "hvbridge lane"
         listed = run_hvbridge("hyperv", "services")
         assert listed.returncode == 0, listed.stderr
@@ -310,4 +311,4 @@ def test_registry_round_trip() -> None:
     assert unregistered.returncode == 0, unregistered.stderr
     assert guid not in run_hvbridge("hyperv", "services").stdout
     with pytest.raises(FileNotFoundError):
-        winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, rf"{hyperv.SERVICES_KEY}\{guid}")
+        winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, rf"{SERVICES_KEY}\{guid}")
