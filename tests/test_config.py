@@ -42,8 +42,10 @@ from hvbridge.config import (
     parse_config,
     parse_duration,
     parse_size,
+    schema,
     table_from_mapping,
 )
+from hvbridge.config import toml as config_toml
 from hvbridge.errors import ConfigError
 from hvbridge.routes import BridgeSettings, CidRule, Route, RouteOptions, RouteTable, VmRule
 
@@ -1038,7 +1040,7 @@ def test_load_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     def no_permission(*args: object, **kwargs: object) -> io.BytesIO:
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    # root may read any file, so the refusal is faked where config.py opens files.
+    # root may read any file, so the refusal is faked where hvbridge.config opens files.
     monkeypatch.setattr(config, "open", no_permission, raising=False)
     with raises(f"{path}: permission denied; expected a file this user may read"):
         load_config(path)
@@ -1065,7 +1067,7 @@ def test_load_a_fifo_without_waiting_for_a_writer(tmp_path: Path) -> None:
 
 def test_toml_error_text_without_a_position() -> None:
     # tomllib always ends its messages with the position; anything else is passed on as it is.
-    assert config._toml_error("odd", "") == (None, "odd")
+    assert config_toml._toml_error("odd", "") == (None, "odd")
 
 
 def test_load_other_os_errors(tmp_path: Path) -> None:
@@ -1198,8 +1200,8 @@ def test_table_from_mapping_problems(data: object, message: str) -> None:
 
 
 def test_every_route_option_has_a_parser() -> None:
-    assert set(config._OPTION_PARSERS) == {field.name for field in attrs.fields(RouteOptions)}
-    assert {"listen", "connect", *config._OPTION_PARSERS} == ROUTE_KEYS
+    assert set(schema._OPTION_PARSERS) == {field.name for field in attrs.fields(RouteOptions)}
+    assert {"listen", "connect", *schema._OPTION_PARSERS} == ROUTE_KEYS
 
 
 # -------------------------------------------------------------------------------- format_table
