@@ -186,6 +186,10 @@ def test_a_bad_duration_option_is_a_usage_error(runner: CliRunner, args: list[st
                 " unix:@NAME, vsock://CID:PORT, hvsock://VM/SERVICE, vsock-mux:///PATH:PORT, stdio",
             ],
         ),
+        (
+            ["forward", "tcp://127.0.0.1:99999", "tcp://127.0.0.1:1"],
+            ["Error: LISTEN: TCP port 99999 is out of range; expected 0..65535"],
+        ),
     ],
 )
 def test_forward_errors_name_its_arguments(runner: CliRunner, args: list[str], lines: list[str]) -> None:
@@ -200,6 +204,11 @@ def test_forward_errors_name_its_arguments(runner: CliRunner, args: list[str], l
         (["check", "-c", ""], "Error: '': an empty file name; expected the path of a route table file, or - for stdin"),
         (["check", "-c", "{tmp}"], "Error: {tmp}: is a directory; expected a route table file"),
         (
+            ["check", "-c", "{tmp}/none.toml"],
+            "Error: {tmp}/none.toml: no such file; expected the path of a route table file",
+        ),
+        (["check", "-c", "{tmp}/broken.toml"], "Error: {tmp}/broken.toml:3: invalid TOML: invalid value (column 11)"),
+        (
             ["check", "-c", "{tmp}/no/r.toml"],
             "Error: {tmp}/no/r.toml: no such directory '{tmp}/no'; expected the path of a route table file",
         ),
@@ -212,6 +221,7 @@ def test_forward_errors_name_its_arguments(runner: CliRunner, args: list[str], l
 )
 def test_config_file_errors_name_the_file(runner: CliRunner, tmp_path: Path, args: list[str], line: str) -> None:
     (tmp_path / "routes.conf").write_text(_TABLE)
+    (tmp_path / "broken.toml").write_text('[routes.a]\nlisten = "tcp://127.0.0.1:0"\nconnect = \n')
     result = runner.invoke(main, [a.format(tmp=tmp_path) for a in args])
     assert result.exit_code == 1, result.output
     assert result.stderr.splitlines() == [line.format(tmp=tmp_path)]
@@ -451,3 +461,97 @@ async def test_connect_takes_sigint_as_an_interrupt(monkeypatch: pytest.MonkeyPa
     with trio.fail_after(10), pytest.raises(BaseException) as raised:  # noqa: PT011 - a group or the interrupt
         await connect_and_interrupt()
     assert _interrupted(raised.value)
+
+
+_MISTAKES_TOML = """\
+[bridge]
+log_level = "loud"
+
+[defaults]
+conect_timeout = "5s"
+
+[routes.ssh]
+listen = "tcp://127.0.0.1:70000"
+connect = "tcp://127.0.0.1:22"
+idle_timeout = "soon"
+
+[routes.web]
+listen = "tcp://127.0.0.1:8080"
+connect = "tcp://127.0.0.1:80"
+
+[routes.web2]
+listen = "tcp://127.0.0.1:8080"
+connect = "tcp://127.0.0.1:81"
+"""
+_MISTAKES_YAML = """\
+bridge:
+  log_level: loud
+defaults:
+  conect_timeout: 5s
+routes:
+  ssh:
+    listen: tcp://127.0.0.1:70000
+    connect: tcp://127.0.0.1:22
+    idle_timeout: soon
+  web:
+    listen: tcp://127.0.0.1:8080
+    connect: tcp://127.0.0.1:80
+  web2:
+    listen: tcp://127.0.0.1:8080
+    connect: tcp://127.0.0.1:81
+"""
+#: Each mistake above as `check` prints it, with its TOML and YAML line.
+_MISTAKE_LINES = [
+    (2, 2, "bridge.log_level: got 'loud'; expected one of: debug, info, warning, error"),
+    (5, 4, "defaults.conect_timeout: unknown key; did you mean 'connect_timeout'?"),
+    (8, 7, "routes.ssh.listen: TCP port 70000 is out of range; expected 0..65535"),
+    (
+        10,
+        9,
+        "routes.ssh.idle_timeout: got 'soon'; expected a duration (seconds, or a number with a unit ms, s, m or h,"
+        " such as '10m'), or 0 for none",
+    ),
+    (
+        17,
+        14,
+        "routes.web2.listen: 'tcp://127.0.0.1:8080' is also the listen endpoint of route 'web';"
+        " expected each route to listen on its own endpoint",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "text"), [("routes.toml", _MISTAKES_TOML), ("routes.yaml", _MISTAKES_YAML)])
+def test_check_lists_every_mistake_in_one_run(runner: CliRunner, tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    result = runner.invoke(main, ["check", "-c", str(path)])
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    yaml = name.endswith(".yaml")
+    assert result.stderr.splitlines() == [
+        f"Error: {path}:{yaml_line if yaml else toml_line}: {message}"
+        for toml_line, yaml_line, message in _MISTAKE_LINES
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["frobnicate"], "Error: No such command 'frobnicate'."),
+        (["--no-such-option"], "Error: No such option '--no-such-option'."),
+        (["forward", "tcp://127.0.0.1:0"], "Error: Missing argument 'CONNECT'."),
+        (
+            ["forward", "tcp://127.0.0.1:0", "tcp://127.0.0.1:1", "--max-connections", "lots"],
+            "Error: Invalid value for '--max-connections': 'lots' is not a valid integer.",
+        ),
+        (
+            ["run", "-c", "routes.toml", "--log-format", "xml"],
+            "Error: Invalid value for '--log-format': 'xml' is not one of 'text', 'json'.",
+        ),
+    ],
+)
+def test_bad_usage_exits_2_with_a_usage_message(runner: CliRunner, args: list[str], line: str) -> None:
+    result = runner.invoke(main, args, prog_name="hvbridge")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Usage: hvbridge"), result.stderr
+    assert result.stderr.splitlines()[-1] == line
