@@ -40,14 +40,12 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from faults.harness import (  # the harness lives with the tests
+from faults.harness import (
     MAX_READS,
     Backend,
     Fds,
     Hvbridge,
-    KiB,
     Launcher,
-    MiB,
     open_blackhole,
     open_client,
     probe_closed,
@@ -57,6 +55,7 @@ from faults.harness import (  # the harness lives with the tests
     set_nofile,
     start_backend,
 )
+from support.processes import KiB, MiB
 
 #: Each scenario must end within this long, or it counts as a hang.
 SCENARIO_TIMEOUT: Final = 30.0

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final, final
 import pytest
 import trio
 import trio.testing
-from support import settled
+from support.settle import settled
 from trio.testing import MemoryReceiveStream, MemorySendStream, memory_stream_pump
 
 from hvbridge import splice

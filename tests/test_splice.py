@@ -26,7 +26,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from support import settled
+from support.settle import settled
 
 from hvbridge import splice
 from hvbridge.relay import Transfer, relay

@@ -34,7 +34,8 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from integration.support import STOP_TIMEOUT, Processes, open_stream
+from integration.support import Processes, open_stream
+from support.processes import STOP_TIMEOUT
 
 from hvbridge import vsock
 from hvbridge.addresses import VMADDR_CID_ANY, VMADDR_PORT_ANY, VsockAddress, VsockMuxAddress, parse_address

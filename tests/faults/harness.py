@@ -24,7 +24,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -32,26 +31,16 @@ from typing import Final, Literal
 
 import attrs
 import trio
+from support.processes import START_TIMEOUT, STOP_TIMEOUT, KiB, LineReader, hvbridge_argv
 
-KiB: Final = 1024
-MiB: Final = 1024 * KiB
-GiB: Final = 1024 * MiB
 CHUNK: Final = 64 * KiB
 #: Upper bound of any read loop (each read returns at least one byte or ends the loop).
 MAX_READS: Final = 1_000_000
-#: hvbridge imports trio, attrs, click, prometheus_client and ruamel.yaml: a busy 2-core machine needs time.
-START_TIMEOUT: Final = 30.0
-STOP_TIMEOUT: Final = 15.0
 #: How often the /proc probes poll, and how many polls before they give up.
 POLL_INTERVAL: Final = 0.02
 MAX_POLLS: Final = 500
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _LISTENING: Final = re.compile(r" listening route=(\S+) listen=(\S+)")
-
-
-def hvbridge_argv() -> list[str]:
-    """The command that runs hvbridge with this Python (so the child's pid is hvbridge's own)."""
-    return [sys.executable, "-m", "hvbridge"]
 
 
 # ------------------------------------------------------------------------------- /proc probes
@@ -163,10 +152,8 @@ class Hvbridge:
 
     argv: list[str]
     process: trio.Process
-    lines: list[str] = attrs.Factory(list)
-    output_closed: bool = False
+    output: LineReader
     stopped: bool = False
-    _changed: trio.Event = attrs.Factory(trio.Event)
 
     @property
     def pid(self) -> int:
@@ -174,9 +161,14 @@ class Hvbridge:
         return self.process.pid
 
     @property
+    def lines(self) -> list[str]:
+        """Its stderr lines so far."""
+        return self.output.lines
+
+    @property
     def text(self) -> str:
         """Its stderr so far."""
-        return "\n".join(self.lines)
+        return self.output.text
 
     def fd_count(self) -> int:
         """Its open file descriptors, now."""
@@ -190,47 +182,14 @@ class Hvbridge:
         """Its resident memory in bytes, now."""
         return rss_bytes(self.pid)
 
-    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
-        """Read stderr to its end, splitting it into lines."""
-        pending = b""
-        try:
-            for _ in range(MAX_READS):
-                data = await stream.receive_some(CHUNK)
-                if not data:
-                    break
-                pending += data
-                *complete, pending = pending.split(b"\n")
-                self.lines.extend(line.decode("utf-8", "replace") for line in complete)
-                self._notify()
-            if pending:
-                self.lines.append(pending.decode("utf-8", "replace"))
-        finally:
-            await trio.aclose_forcefully(stream)
-            self.output_closed = True
-            self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
     def matching(self, pattern: str) -> list[str]:
         """The stderr lines so far that match the regex `pattern`."""
         regex = re.compile(pattern)
         return [line for line in self.lines if regex.search(line)]
 
     async def wait_for(self, pattern: str, *, count: int = 1) -> list[str]:
-        """Wait until `count` stderr lines match `pattern`; the matching lines.
-
-        Bounded in count here; the caller bounds the time.
-        """
-        for _ in range(MAX_READS):
-            found = self.matching(pattern)
-            if len(found) >= count:
-                return found
-            if self.output_closed:
-                raise AssertionError(f"hvbridge exited before {count} line(s) matched {pattern!r}:\n{self.text}")
-            await self._changed.wait()
-        raise AssertionError(f"gave up waiting for {pattern!r}")  # pragma: no cover
+        """Wait until `count` stderr lines match `pattern`; the matching lines (the caller bounds the time)."""
+        return await self.output.wait_for(pattern, count=count)
 
     def listening(self, route: str = "forward") -> str:
         """The bound listen endpoint of `route`, from its `listening` log line."""
@@ -281,9 +240,9 @@ class Launcher:
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         assert process.stderr is not None
-        hv = Hvbridge(argv, process)
+        hv = Hvbridge(argv, process, LineReader(" ".join(argv)))
         self.started.append(hv)
-        self.nursery.start_soon(hv.pump, process.stderr)
+        self.nursery.start_soon(hv.output.pump, process.stderr)
         with trio.fail_after(START_TIMEOUT):
             await hv.wait_for(r" listening route=", count=listeners)
         return hv
@@ -320,13 +279,6 @@ class Launcher:
             print(f"--- {' '.join(hv.argv)} (status {hv.process.returncode}) ---\n{hv.text}")
         if problems:
             raise AssertionError("\n\n".join(problems))
-
-
-async def run_hvbridge(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    """Run `hvbridge ARGS...` to its end with any exit status; the caller bounds the time."""
-    return await trio.run_process(
-        [*hvbridge_argv(), *args], stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
-    )
 
 
 # ------------------------------------------------------------------------------------ backends

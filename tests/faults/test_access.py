@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Final, Literal
 
 import pytest
 import trio
+from support.processes import run_hvbridge
 
-from .harness import probe_closed, roundtrip, run_hvbridge, start_backend
+from .harness import probe_closed, roundtrip, start_backend
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -18,20 +18,9 @@ from typing import TYPE_CHECKING, Final
 
 import pytest
 import trio
+from support.processes import KiB, MiB
 
-from .harness import (
-    CHUNK,
-    KiB,
-    MiB,
-    Received,
-    echo,
-    open_client,
-    probe_closed,
-    read_to_end,
-    reset,
-    roundtrip,
-    start_backend,
-)
+from .harness import CHUNK, Received, echo, open_client, probe_closed, read_to_end, reset, roundtrip, start_backend
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Final, Literal
 import attrs
 import pytest
 import trio
+from support.processes import KiB
 
-from .harness import MAX_READS, KiB, open_client, raise_nofile, start_backend
+from .harness import MAX_READS, open_client, raise_nofile, start_backend
 
 if TYPE_CHECKING:
     from .harness import Launcher

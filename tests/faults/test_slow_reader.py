@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Final, Protocol
 import attrs
 import pytest
 import trio
+from support.processes import MiB
 
-from .harness import MAX_POLLS, MiB, Received, open_client, read_to_end, roundtrip, start_backend
+from .harness import MAX_POLLS, Received, open_client, read_to_end, roundtrip, start_backend
 
 if TYPE_CHECKING:
     from .harness import Launcher

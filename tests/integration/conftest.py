@@ -19,18 +19,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from support.processes import START_TIMEOUT, STOP_TIMEOUT, LineReader, MiB, run_command
 
-from .support import (
-    START_TIMEOUT,
-    STOP_TIMEOUT,
-    HttpServer,
-    LineReader,
-    MiB,
-    Processes,
-    Sshd,
-    free_port,
-    run_command,
-)
+from .support import HttpServer, Processes, Sshd, free_port
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

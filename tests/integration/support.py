@@ -20,31 +20,19 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 import attrs
 import trio
+from support.processes import START_TIMEOUT, STOP_TIMEOUT, LineReader, MiB, hvbridge_argv
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
 CHUNK: Final = 256 * 1024
-MiB: Final = 1024 * 1024
 #: Upper bound of reads from one stream (each read returns at least one byte or EOF).
 MAX_READS: Final = 10_000_000
-#: hvbridge imports trio, attrs, prometheus_client and ruamel.yaml: give a loaded machine time to start it.
-START_TIMEOUT: Final = 20.0
-STOP_TIMEOUT: Final = 10.0
-
-
-def hvbridge_argv() -> list[str]:
-    """The command that runs hvbridge: the console script next to this Python, else `-m`."""
-    script = Path(sys.executable).with_name("hvbridge")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "hvbridge"]
 
 
 # ----------------------------------------------------------------------------------- log lines
@@ -99,78 +87,6 @@ def parse_log_line(line: str) -> LogLine | None:
 
 
 # ------------------------------------------------------------------------------ child output
-
-
-@attrs.define(eq=False)
-class LineReader:
-    """Collects the lines of a child's output as they arrive; wait_for() waits for a match."""
-
-    name: str
-    lines: list[str] = attrs.Factory(list)
-    closed: bool = False
-    _changed: trio.Event = attrs.Factory(trio.Event)
-    _scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-
-    @property
-    def text(self) -> str:
-        """Everything read so far."""
-        return "\n".join(self.lines)
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
-        """Read `stream` to its end (or until cancel()), splitting it into lines."""
-        try:
-            with self._scope:
-                await self._read(stream)
-        finally:
-            self.closed = True
-            self._notify()
-
-    def cancel(self) -> None:
-        """Stop reading (when something other than the child still holds the pipe open)."""
-        self._scope.cancel()
-
-    async def _read(self, stream: trio.abc.ReceiveStream) -> None:
-        pending = b""
-        for _ in range(MAX_READS):
-            data = await stream.receive_some(CHUNK)
-            if not data:
-                break
-            pending += data
-            *complete, pending = pending.split(b"\n")
-            self.lines.extend(line.decode("utf-8", "replace") for line in complete)
-            self._notify()
-        else:
-            raise AssertionError(f"{self.name}: too much output")
-        if pending:
-            self.lines.append(pending.decode("utf-8", "replace"))
-
-    async def wait_until(self, done: Callable[[], bool], what: str) -> None:
-        """Wait (bounded in count; the caller bounds the time) until `done()` is true."""
-        for _ in range(MAX_READS):
-            if done():
-                return
-            if self.closed:
-                raise AssertionError(f"{self.name} ended its output before {what}; its output:\n{self.text}")
-            await self._changed.wait()
-        raise AssertionError(f"{self.name}: gave up waiting for {what}")  # pragma: no cover
-
-    async def wait_for(self, pattern: str, *, count: int = 1) -> list[str]:
-        """Wait for `count` lines matching the regex `pattern`; return the matching lines."""
-        regex = re.compile(pattern)
-
-        def matching() -> list[str]:
-            return [line for line in self.lines if regex.search(line)]
-
-        await self.wait_until(lambda: len(matching()) >= count, f"{count} line(s) matching {pattern!r}")
-        return matching()
-
-    async def wait_closed(self) -> None:
-        """Wait for the end of the output (the child exited and nothing else holds the pipe)."""
-        await self.wait_until(lambda: self.closed, "the end of its output")
 
 
 @attrs.define(eq=False)
@@ -622,16 +538,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-async def run_hvbridge(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    """Run `hvbridge ARGS...` to its end; the caller bounds the time."""
-    return await run_command([*hvbridge_argv(), *args], stdin=stdin)
-
-
-async def run_command(argv: Sequence[str], *, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    """Run a command to its end with `stdin`, capturing stdout and stderr, any exit status."""
-    return await trio.run_process(list(argv), stdin=stdin, capture_stdout=True, capture_stderr=True, check=False)
 
 
 def sha256(data: bytes) -> bytes:

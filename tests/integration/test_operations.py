@@ -20,22 +20,9 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from support.processes import START_TIMEOUT, STOP_TIMEOUT, LineReader, MiB, hvbridge_argv, run_hvbridge
 
-from .support import (
-    START_TIMEOUT,
-    STOP_TIMEOUT,
-    Hvbridge,
-    LineReader,
-    MiB,
-    expect_closed,
-    free_port,
-    hvbridge_argv,
-    open_stream,
-    receive_into,
-    run_hvbridge,
-    send_random,
-    start_hash_server,
-)
+from .support import Hvbridge, expect_closed, free_port, open_stream, receive_into, send_random, start_hash_server
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

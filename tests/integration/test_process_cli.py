@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from support.processes import run_hvbridge
 
 from hvbridge import __version__
-
-from .support import run_hvbridge
 
 if TYPE_CHECKING:
     import subprocess

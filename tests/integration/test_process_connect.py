@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-
-from .support import hvbridge_argv
+from support.processes import hvbridge_argv
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

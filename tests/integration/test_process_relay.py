@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Literal
 
 import pytest
 import trio
+from support.processes import MiB, run_hvbridge
 
 from .support import (
-    MiB,
     bound_port,
     connect_and_expect_closed,
     exchange,
@@ -28,7 +28,6 @@ from .support import (
     open_stream,
     random_bytes,
     receive_into,
-    run_hvbridge,
     send_random,
     sha256,
     start_hash_server,

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Final
 
 import pytest
 import trio
+from support.processes import START_TIMEOUT, run_command
 
-from .support import START_TIMEOUT, free_port, run_command, tcp_port
+from .support import free_port, tcp_port
 
 if TYPE_CHECKING:
     from .support import Daemon, Hvbridge, Processes

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from support.processes import MiB, hvbridge_argv, run_command
 
-from .support import MiB, hvbridge_argv, run_command, sha256, start_hash_server, tcp_port
+from .support import sha256, start_hash_server, tcp_port
 
 if TYPE_CHECKING:
     from pathlib import Path

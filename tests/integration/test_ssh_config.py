@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-
-from .support import START_TIMEOUT, run_hvbridge
+from support.processes import START_TIMEOUT, run_hvbridge
 
 if TYPE_CHECKING:
     from .support import Processes, Sshd

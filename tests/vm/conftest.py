@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from integration.support import free_port, hvbridge_argv
+from integration.support import free_port
+from support.processes import hvbridge_argv
 
 from .guest import (
     FIGURES,

@@ -14,7 +14,8 @@ from typing import Final
 
 import pytest
 import trio
-from integration.support import MiB, exchange, expect_closed, mib_per_s, open_stream, receive_into, run_hvbridge
+from integration.support import exchange, expect_closed, mib_per_s, open_stream, receive_into
+from support.processes import MiB, run_hvbridge
 
 from hvbridge import vsock
 from hvbridge.addresses import VMADDR_CID_ANY, VMADDR_PORT_ANY, VsockAddress

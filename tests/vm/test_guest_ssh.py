@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 from integration.conftest import processes, sshd
-from integration.support import run_command, run_hvbridge
+from support.processes import run_command, run_hvbridge
 
 if TYPE_CHECKING:
     from pathlib import Path

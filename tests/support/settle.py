@@ -1,4 +1,4 @@
-"""Helpers shared by the unit tests (a plain module: `from support import settled`)."""
+"""settled(): wait until trio and the splice reactor thread are both idle (unit tests)."""
 
 from __future__ import annotations
 
