@@ -29,10 +29,8 @@ import argparse
 import contextlib
 import ctypes
 import errno
-import json
 import os
 import platform
-import resource
 import select
 import socket
 import statistics
@@ -42,15 +40,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 HERE: Final = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import peer  # noqa: E402
-from relays import Relay, free_port, tree_cpu_seconds, wait_connectable  # noqa: E402
+from relays import Family, Relay, free_port, tree_cpu_seconds, wait_connectable  # noqa: E402
 
 GiB: Final = 1 << 30
 MiB: Final = 1 << 20
@@ -206,13 +206,24 @@ def _unix_diag(ino: int, show: int) -> tuple[int, dict[int, bytes]]:
     return low | high << 32, attrs
 
 
-def unix_peer_cookie(sock: socket.socket) -> int:
-    """The cookie of the socket at the other end of a connected Unix stream socket."""
-    _cookie, attrs = _unix_diag(os.fstat(sock.fileno()).st_ino, UDIAG_SHOW_PEER)
-    if UNIX_DIAG_PEER not in attrs:
-        raise OSError(errno.ENOTCONN, "sock_diag reports no peer for this Unix socket")
-    peer_cookie, _ = _unix_diag(struct.unpack("<I", attrs[UNIX_DIAG_PEER])[0], 0)
-    return peer_cookie
+def unix_peer_cookie(sock: socket.socket, timeout: float = 2.0) -> int:
+    """The cookie of the socket at the other end of a connected Unix stream socket.
+
+    The peer of a socket that connect()ed has no inode until the server accept()s it, and
+    sock_diag finds sockets by inode: wait (polling, at most `timeout`) for the accept.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        _cookie, attrs = _unix_diag(os.fstat(sock.fileno()).st_ino, UDIAG_SHOW_PEER)
+        if UNIX_DIAG_PEER not in attrs:
+            raise OSError(errno.ENOTCONN, "sock_diag reports no peer for this Unix socket")
+        peer_ino: int = struct.unpack("<I", attrs[UNIX_DIAG_PEER])[0]
+        if peer_ino:
+            peer_cookie, _ = _unix_diag(peer_ino, 0)
+            return peer_cookie
+        if time.monotonic() > deadline:
+            raise OSError(errno.ETIMEDOUT, f"the Unix peer was not accepted within {timeout:g} s")
+        time.sleep(0.0005)
 
 
 class Sockmap:
@@ -353,24 +364,44 @@ class SockmapWatcher:
     """What a sockmap relay still has to do itself: the ends of connections.
 
     The kernel moves the bytes but not FIN or RST, so one thread waits in epoll for EPOLLRDHUP
-    (the sender shut down writing) and EPOLLHUP/EPOLLERR (reset, or both ways closed) on every
-    relayed socket, and passes them on: shutdown(SHUT_WR) on the peer, or an abortive close.
+    (the sender shut down writing) and EPOLLERR (reset) on every relayed socket, and passes them
+    on: shutdown(SHUT_WR) on the peer, or an abortive close.
+
+    A FIN passed on at once loses the bytes still queued in the peer's psock (they are dropped
+    when shutdown() makes the kernel's deferred send fail). With `ordered`, for TCP the FIN waits
+    until the peer's socket has taken in every byte this socket received: TCP_INFO's
+    bytes_received on one side against bytes_acked + SIOCOUTQ on the other, polled every
+    millisecond while a FIN waits. Unix sockets have no such counters.
     """
 
-    def __init__(self, sockmap: Sockmap) -> None:
+    def __init__(
+        self, sockmap: Sockmap, ordered: bool = True, drain_timeout: float = 30.0, unix_grace: float = 0.01
+    ) -> None:
         self.sockmap = sockmap
+        self.ordered = ordered
+        self.drain_timeout = drain_timeout
+        self.unix_grace = unix_grace
         self.epoll = select.epoll()
         self.lock = threading.Lock()
-        # fd -> (socket, peer socket, key the socket is stored under)
+        # fd -> (socket, peer socket, key the PEER is stored under)
         self.conns: dict[int, tuple[socket.socket, socket.socket, int]] = {}
-        self.shut: set[int] = set()  # fds whose sender has shut down writing
+        self.base: dict[int, int] = {}  # fd -> bytes received before the kernel relayed (TCP)
+        self.base_out: dict[int, int] = {}  # fd -> bytes written before the kernel relayed (TCP)
+        self.waiting: dict[int, float] = {}  # fd whose FIN waits for its peer to drain -> since when
+        self.done: set[int] = set()  # fds whose FIN has been passed on
+        self.lost_fins = 0  # FINs passed on at the deadline, with bytes possibly lost
 
     def add(self, a: socket.socket, b: socket.socket) -> None:
         """Relay a <-> b in the kernel; bytes that arrived before the map held them are copied."""
         key_a, key_b = self.sockmap.pair(a, b)
         with self.lock:
-            self.conns[a.fileno()] = (a, b, key_b)
-            self.conns[b.fileno()] = (b, a, key_a)
+            self.conns[a.fileno()] = (a, b, key_a)
+            self.conns[b.fileno()] = (b, a, key_b)
+        for sock in (a, b):
+            if sock.family != socket.AF_UNIX:
+                received, acked, _ = tcp_info(sock)
+                self.base[sock.fileno()] = received
+                self.base_out[sock.fileno()] = acked + outq(sock)
         # Bytes queued before the socket entered the map are not run through the program until
         # more arrive (the verdict runs from sk_data_ready): move them by hand.
         for src, dst in ((a, b), (b, a)):
@@ -378,28 +409,62 @@ class SockmapWatcher:
                 data = src.recv(BUFFER, socket.MSG_DONTWAIT)
                 if data:
                     dst.sendall(data)
+                    if src.fileno() in self.base:
+                        self.base[src.fileno()] -= len(data)
         for sock in (a, b):
-            self.epoll.register(sock.fileno(), select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
+            self.epoll.register(sock.fileno(), select.EPOLLRDHUP | select.EPOLLERR)
+
+    def drained(self, fd: int) -> bool:
+        """Has the peer of `fd` taken in every byte `fd` received? (TCP both sides; else True)"""
+        sock, other, _ = self.conns[fd]
+        if not self.ordered:
+            return True
+        if fd not in self.base or other.fileno() not in self.base_out:
+            # No counters on a Unix socket: wait a fixed grace and hope. Not a guarantee.
+            return time.monotonic() > self.waiting[fd] + self.unix_grace
+        try:
+            received, _, _ = tcp_info(sock)
+            _, acked, _ = tcp_info(other)
+            written = acked + outq(other)
+        except OSError:
+            return True
+        # bytes_received counts the FIN too (rcv_nxt moved past it): one more than the data.
+        return received - 1 - self.base[fd] <= written - self.base_out[other.fileno()]
 
     def run(self, stop: threading.Event) -> None:
         """Pass FIN and RST on until `stop` is set."""
         while not stop.is_set():
-            for fd, events in self.epoll.poll(0.2):
+            for fd, events in self.epoll.poll(0.001 if self.waiting else 0.2):
                 with self.lock:
                     entry = self.conns.get(fd)
                 if entry is None:
                     continue
                 sock, other, _key = entry
-                if events & (select.EPOLLERR | select.EPOLLHUP):
-                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    self.finish(sock, other, abort=err != 0)
-                elif events & select.EPOLLRDHUP:
-                    self.epoll.modify(fd, select.EPOLLHUP | select.EPOLLERR)
-                    self.shut.add(fd)
-                    with contextlib.suppress(OSError):
-                        other.shutdown(socket.SHUT_WR)
-                    if other.fileno() in self.shut:
-                        self.finish(sock, other, abort=False)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & select.EPOLLERR else 0
+                # EPIPE is the kernel's own doing, not the peer's: a FIN arrives as an skb of no
+                # bytes, the program redirects it like any other, and the peer's psock fails to
+                # send zero bytes, reports EPIPE on the peer socket and stops its transmit side.
+                if err and err != errno.EPIPE:
+                    self.finish(sock, other, abort=True)
+                elif events & (select.EPOLLRDHUP | select.EPOLLHUP) and fd not in self.done:
+                    self.epoll.modify(fd, select.EPOLLERR)  # level-triggered RDHUP would spin
+                    self.waiting.setdefault(fd, time.monotonic())
+            for fd, since in list(self.waiting.items()):
+                if fd not in self.conns:
+                    del self.waiting[fd]
+                elif self.drained(fd) or time.monotonic() > since + self.drain_timeout:
+                    self.lost_fins += not self.drained(fd)
+                    del self.waiting[fd]
+                    self.pass_fin(fd)
+
+    def pass_fin(self, fd: int) -> None:
+        """The sender on `fd` shut down writing: shut down its peer's writing; close when both are."""
+        sock, other, _ = self.conns[fd]
+        self.done.add(fd)
+        with contextlib.suppress(OSError):
+            other.shutdown(socket.SHUT_WR)
+        if other.fileno() in self.done:
+            self.finish(sock, other, abort=False)
 
     def finish(self, sock: socket.socket, other: socket.socket, abort: bool) -> None:
         """Close both sockets; with an RST for the peer if this side was reset."""
@@ -410,11 +475,21 @@ class SockmapWatcher:
                     self.sockmap.delete(entry[2])
                     with contextlib.suppress(OSError):
                         self.epoll.unregister(s.fileno())
-                    self.shut.discard(s.fileno())
+                for table in (self.waiting, self.base, self.base_out):
+                    table.pop(s.fileno(), None)
+                self.done.discard(s.fileno())
         if abort:
             other.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
         other.close()
+
+
+def outq(sock: socket.socket) -> int:
+    """Bytes in a socket's send queue not yet acknowledged (SIOCOUTQ)."""
+    import fcntl
+
+    value: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+    return value
 
 
 def serve_relay(kind: str, listen: peer.Address, connect: peer.Address) -> None:
@@ -479,7 +554,9 @@ def socket_pair(family: str) -> tuple[socket.socket, socket.socket]:
 
 
 @contextlib.contextmanager
-def relayed(family: str, sockmap: Sockmap) -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socket.socket]]:
+def relayed(
+    family: str, sockmap: Sockmap
+) -> Iterator[tuple[socket.socket, socket.socket, socket.socket, socket.socket]]:
     """c, a, b, s with a and b in the map; all closed afterwards."""
     c, a = socket_pair(family)
     b, s = socket_pair(family)
@@ -492,9 +569,9 @@ def relayed(family: str, sockmap: Sockmap) -> Iterator[tuple[socket.socket, sock
 
 
 @contextlib.contextmanager
-def watching(sockmap: Sockmap) -> Iterator[SockmapWatcher]:
+def watching(sockmap: Sockmap, ordered: bool = True) -> Iterator[SockmapWatcher]:
     """A SockmapWatcher running in a thread (stopped afterwards)."""
-    watcher = SockmapWatcher(sockmap)
+    watcher = SockmapWatcher(sockmap, ordered)
     stop = threading.Event()
     thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
     thread.start()
@@ -596,25 +673,28 @@ def rule_half_close(family: str, sockmap: Sockmap) -> list[str]:
             f"relay's accepted socket polls {poll_events(a)}"
         )
     size = 256 * MiB
-    for attempt in range(3):
-        with watching(sockmap) as watcher, relayed(family, sockmap) as (c, a, b, s):
-            # The watcher passes the FIN on as soon as it sees it (pair() above put a, b in the
-            # map; register them with the watcher without pairing them twice).
-            with watcher.lock:
-                watcher.conns[a.fileno()] = (a, b, 0)
-                watcher.conns[b.fileno()] = (b, a, 0)
-            for sock in (a, b):
-                watcher.epoll.register(sock.fileno(), select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
-            thread = sender(c, size, then_shutdown=True)
-            got, eof, err = read_for(s, 20.0)
-            thread.join(5)
-            out.append(
-                f"half-close after {size // MiB} MiB, relay thread passes the FIN on (try {attempt + 1}): "
-                f"backend read {got:,} of {size:,} bytes, EOF {'seen' if eof else 'not seen'}"
-                f"{', LOST ' + format(size - got, ',') + ' bytes' if eof and got < size else ''}{' ' + err if err else ''}"
-            )
-            with watcher.lock:
-                watcher.conns.clear()
+    for ordered in (False, True):
+        how = (
+            ("after the backend socket took in every byte (TCP_INFO)" if family == "tcp" else "after 10 ms")
+            if ordered
+            else "at once"
+        )
+        for attempt in range(3):
+            with watching(sockmap, ordered) as watcher:
+                c, a = socket_pair(family)
+                b, s = socket_pair(family)
+                with c, s:
+                    watcher.add(a, b)
+                    thread = sender(c, size, then_shutdown=True)
+                    got, eof, err = read_for(s, 20.0)
+                    thread.join(5)
+                out.append(
+                    f"half-close after {size // MiB} MiB, the relay thread passes the FIN on {how} "
+                    f"(try {attempt + 1}): backend read {got:,} of {size:,} bytes, "
+                    f"EOF {'seen' if eof else 'not seen'}"
+                    + (f", LOST {size - got:,} bytes" if eof and got < size else "")
+                    + (f" {err}" if err else "")
+                )
     return out
 
 
@@ -655,11 +735,15 @@ def rule_backpressure(family: str, sockmap: Sockmap | None, seconds: float = 3.0
         held_avail = before_avail - meminfo_kib("MemAvailable")
         blocked = stalled_since is not None
         got, _eof, _err = read_for(s, 10.0, limit=sent)
+        how = (
+            "blocking (send buffer full for 1 s)"
+            if blocked
+            else f"this test stopped it ({limit // MiB} MiB or {seconds:g} s), never blocked"
+        )
         out = [
-            f"backpressure, {label}: backend reads nothing; client sent {sent / MiB:,.1f} MiB before "
-            f"{'blocking (send buffer full for 1 s)' if blocked else f'this test stopped it ({limit // MiB} MiB or {seconds:g} s), never blocked'}; "
-            f"kernel memory held: TCP sockstat +{held_tcp / 1024:,.1f} MiB, MemAvailable -{held_avail / 1024:,.1f} MiB; "
-            f"then the backend read {got / MiB:,.1f} MiB of it"
+            f"backpressure, {label}: backend reads nothing; client sent {sent / MiB:,.1f} MiB before {how}; "
+            f"kernel memory held: TCP sockstat +{held_tcp / 1024:,.1f} MiB, "
+            f"MemAvailable -{held_avail / 1024:,.1f} MiB; then the backend read {got / MiB:,.1f} MiB of it"
         ]
     finally:
         for sock in (c, a, b, s):
@@ -736,7 +820,7 @@ def fcntl_ioctl(sock: socket.socket, request: int) -> bytes:
     return fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
 
 
-def run_rules(families: list[str]) -> list[str]:
+def run_rules(families: list[Family]) -> list[str]:
     """Every rule experiment, for each family; the lines they print."""
     lines: list[str] = []
     sockmap = Sockmap()
@@ -754,3 +838,285 @@ def run_rules(families: list[str]) -> list[str]:
     finally:
         sockmap.close()
     return lines
+
+
+# ------------------------------------------------------------------------------- AF_VSOCK
+VMADDR_CID_LOCAL: Final = 1
+
+
+def vsock_check() -> int:
+    """Inside the micro-VM guest: can a TCP <-> vsock pair be redirected? Prints the answer."""
+    if "microvm_guest" not in Path("/proc/cmdline").read_text().split():
+        print("--vsock-check runs only inside the micro-VM guest (scripts/microvm): never AF_VSOCK on a host")
+        return 2
+    print(f"guest kernel {platform.release()}")
+    try:
+        sockmap = Sockmap()
+    except BpfError as exc:
+        print(f"no sockmap: {exc}{' / ' + exc.log if exc.log else ''}")
+        return 1
+    print(f"program attached as: {sockmap.mode}")
+    port = 5000 + os.getpid() % 1000
+    with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as listener:
+        listener.bind((socket.VMADDR_CID_ANY, port))
+        listener.listen(1)
+        far = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        far.settimeout(5)
+        far.connect((VMADDR_CID_LOCAL, port))
+        near, _ = listener.accept()
+    c, a = socket_pair("tcp")
+    try:
+        try:
+            sockmap._update(socket_cookie(a), near)
+        except BpfError as exc:
+            print(f"a vsock socket in the sockmap: REFUSED, {exc}")
+            return 1
+        print("a vsock socket in the sockmap: accepted")
+        sockmap._update(socket_cookie(near), a)
+        c.sendall(b"tcp->vsock")
+        got, _, _ = read_for(far, 2.0, limit=10)
+        print(f"TCP -> vsock through the map: {got} of 10 bytes arrived")
+        far.sendall(b"vsock->tcp")
+        got, _, _ = read_for(c, 2.0, limit=10)
+        print(f"vsock -> TCP through the map (keyed by the vsock socket's own cookie): {got} of 10 bytes arrived")
+        size = 64 * MiB
+        start = time.perf_counter()
+        thread = sender(c, size, then_shutdown=False)
+        got, _, _ = read_for(far, 30.0, limit=size)
+        thread.join(5)
+        elapsed = time.perf_counter() - start
+        print(f"TCP -> vsock, {size // MiB} MiB through the map: {got:,} bytes in {elapsed:.2f} s")
+    finally:
+        for sock in (c, a, near, far):
+            sock.close()
+        sockmap.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------- the benchmark
+#: (key, label, unit, digits)
+METRICS: Final = (
+    ("down", "1 connection, server -> client", "GiB/s", 2),
+    ("up", "1 connection, client -> server", "GiB/s", 2),
+    ("down_cpu", "relay process CPU per GiB, server -> client", "s", 3),
+    ("up_cpu", "relay process CPU per GiB, client -> server", "s", 3),
+    ("down_all", "whole machine CPU per GiB, server -> client", "s", 2),
+    ("up_all", "whole machine CPU per GiB, client -> server", "s", 2),
+    ("rtt_p50", "1-byte round trip p50", "us", 1),
+    ("rtt_p99", "1-byte round trip p99", "us", 1),
+)
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core has spent not idle (/proc/stat), seconds: kworkers and softirqs included."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class MiniRelay:
+    """One of this file's relays (`--serve KIND`) as a process of its own."""
+
+    def __init__(self, kind: str, family: str, server: peer.Address, workdir: Path) -> None:
+        self.name = kind
+        self.listen: peer.Address = str(workdir / f"{kind}.sock") if family == "unix" else ("127.0.0.1", free_port())
+        listen = self.listen if isinstance(self.listen, str) else f"{self.listen[0]}:{self.listen[1]}"
+        connect = server if isinstance(server, str) else f"{server[0]}:{server[1]}"
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", kind, "--listen", listen, "--connect", connect],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line.startswith("READY"):
+            self.close()
+            raise RuntimeError(f"the {kind} relay did not start: {line or 'no output'}")
+        self.mode = line.partition(" ")[2]
+        wait_connectable(self.listen, None)
+
+    @property
+    def pid(self) -> int:
+        """The relay process's id."""
+        return self.process.pid
+
+    def cpu_seconds(self) -> float:
+        """CPU the relay process has used (all its threads)."""
+        return tree_cpu_seconds(self.pid)
+
+    def close(self) -> None:
+        """Stop the process."""
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if isinstance(self.listen, str):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.listen)
+
+
+@contextlib.contextmanager
+def default_timeout(seconds: float) -> Iterator[None]:
+    """socket.setdefaulttimeout() for the sockets made inside the block."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def measure(relay: MiniRelay | Relay, size: int, rounds: int, null_fd: int, notes: list[str]) -> dict[str, float]:
+    """Throughput each way with CPU, then the 1-byte round trip, through one relay.
+
+    A measurement that fails (a relay that breaks the protocol) is left out and said in `notes`.
+    """
+    out: dict[str, float] = {}
+    for way in ("down", "up"):
+        cpu, busy = relay.cpu_seconds(), machine_busy_seconds()
+        start = time.perf_counter()
+        try:
+            if way == "down":
+                peer.download(relay.listen, size, null_fd)  # splices: a blocking socket, no timeout
+            else:
+                with default_timeout(10.0):  # a relay that loses the answer must not hang the run
+                    peer.upload(relay.listen, size)
+        except (OSError, ValueError) as exc:
+            notes.append(f"{relay.name}: {'download' if way == 'down' else 'upload'} failed: {exc}")
+            continue
+        elapsed = time.perf_counter() - start
+        time.sleep(0.2)  # let the relay finish closing: its CPU for this transfer counts
+        out[way] = size / elapsed / GiB
+        out[f"{way}_cpu"] = (relay.cpu_seconds() - cpu) / (size / GiB)
+        out[f"{way}_all"] = (machine_busy_seconds() - busy) / (size / GiB)
+    try:
+        with default_timeout(30.0):
+            times = peer.ping_pong(relay.listen, 1, rounds)
+    except OSError as exc:
+        notes.append(f"{relay.name}: round trips failed: {exc}")
+        return out
+    ordered = sorted(times)
+    out["rtt_p50"] = ordered[len(ordered) // 2] / 1000
+    out["rtt_p99"] = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1000
+    return out
+
+
+def run_benchmark(families: list[Family], repeat: int, size: int, rounds: int, with_hvbridge: bool) -> str:
+    """Every relay, each family, `repeat` interleaved rounds; a markdown report."""
+    peer.raise_fd_limit()
+    null_fd = os.open(os.devnull, os.O_WRONLY)
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    results: dict[str, dict[str, dict[str, list[float]]]] = {}
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="hvbridge-sockmap-") as tmp:
+        workdir = Path(tmp)
+        server_unix = str(workdir / "server.sock")
+        server = subprocess.Popen(
+            [sys.executable, str(HERE / "peer.py"), "serve", "--unix", server_unix], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert server.stdout is not None
+            port = int(server.stdout.readline().split()[1])
+            for family in families:
+                target: peer.Address = server_unix if family == "unix" else ("127.0.0.1", port)
+                with contextlib.ExitStack() as stack:
+                    relays: list[MiniRelay | Relay] = []
+                    for kind in RELAY_KINDS:
+                        try:
+                            mini = MiniRelay(kind, family, target, workdir)
+                        except RuntimeError as exc:
+                            notes.append(f"{family}: {exc}")
+                            continue
+                        stack.callback(mini.close)
+                        if kind == "sockmap":
+                            notes.append(f"{family}: sockmap program attached as {mini.mode}")
+                        relays.append(mini)
+                    if with_hvbridge:
+                        command = "{python} -m hvbridge run -q -c {config}"
+                        relays.append(stack.enter_context(Relay("hvbridge", family, target, workdir, command)))
+                    by_relay = results.setdefault(family, {r.name: {} for r in relays})
+                    for i in range(repeat):
+                        # Rotate the order each repeat: a burst of noise does not always hit the same relay.
+                        for relay in relays[i % len(relays) :] + relays[: i % len(relays)]:
+                            failed: list[str] = []
+                            for key, value in measure(relay, size, rounds, null_fd, failed).items():
+                                by_relay[relay.name].setdefault(key, []).append(value)
+                            notes += [f"{family}, repeat {i + 1}: {note}" for note in failed]
+                            print(f"{family} {relay.name} repeat {i + 1} done {failed}", file=sys.stderr, flush=True)
+        finally:
+            server.terminate()
+            server.wait(5)
+    load_after = os.getloadavg()
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} by `benchmarks/sockmap.py` "
+        f"({repeat} interleaved repeats, {size / GiB:g} GiB per transfer, {rounds} round trips; "
+        f"{time.monotonic() - started:.0f} s; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after). "
+        f"Linux {platform.release()}, {os.cpu_count()} cores shared by client, server and relay.",
+        "",
+        *[f"- {note}" for note in notes],
+        "",
+    ]
+    for name_of_family, by_relay in results.items():
+        names = list(by_relay)
+        lines += [
+            f"**{name_of_family.upper()}** (median of {repeat}, ± half the min-max spread)",
+            "",
+            "| metric | unit | " + " | ".join(names) + " |",
+            "|---|---|" + "---:|" * len(names),
+        ]
+        for key, label, unit, digits in METRICS:
+            cells = []
+            for name in names:
+                values = by_relay[name].get(key, [])
+                if not values:
+                    cells.append("-")
+                    continue
+                median = statistics.median(values)
+                spread = (max(values) - min(values)) / median * 50 if median and len(values) > 1 else 0.0
+                cells.append(f"{median:,.{digits}f}" + (f" ±{spread:.0f}%" if len(values) > 1 else ""))
+            lines.append(f"| {label} | {unit} | " + " | ".join(cells) + " |")
+        lines.append("")
+    os.close(null_fd)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rules", action="store_true", help="only the rule experiments")
+    parser.add_argument("--bench", action="store_true", help="only the benchmark")
+    parser.add_argument("--vsock-check", action="store_true", help="inside the micro-VM guest: TCP <-> vsock")
+    parser.add_argument("--quick", action="store_true", help="0.25 GiB transfers, 1 repeat, 1000 round trips")
+    parser.add_argument("--families", default="tcp,unix", help="tcp, unix or both")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--size", type=lambda s: int(float(s) * GiB), default=GiB, help="GiB per transfer (1)")
+    parser.add_argument("--rounds", type=int, default=3000, help="1-byte round trips per run (3000)")
+    parser.add_argument("--no-hvbridge", action="store_true", help="leave hvbridge itself out of the benchmark")
+    parser.add_argument("--serve", choices=RELAY_KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--listen", help=argparse.SUPPRESS)
+    parser.add_argument("--connect", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve_relay(args.serve, parse_address(args.listen), parse_address(args.connect))
+        return
+    if args.vsock_check:
+        sys.exit(vsock_check())
+    if args.quick:
+        args.repeat, args.rounds = 1, 1000
+        args.size = min(args.size, GiB // 4)
+    families: list[Family] = [f for f in ("tcp", "unix") if f in args.families.split(",")]
+    try:
+        if not args.bench:
+            run_rules(families)  # prints each line as it comes
+        if not args.rules:
+            print(run_benchmark(families, args.repeat, args.size, args.rounds, not args.no_hvbridge))
+    except BpfError as exc:
+        print(f"sockmap unavailable: {exc}{chr(10) + 'verifier log: ' + exc.log if exc.log else ''}")
+        print("(a relay would keep splice here)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
