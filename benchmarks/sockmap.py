@@ -672,6 +672,18 @@ def rule_half_close(family: str, sockmap: Sockmap) -> list[str]:
             f"EOF {'seen' if eof else 'NOT seen in 1 s'}{' ' + err if err else ''}; "
             f"relay's accepted socket polls {poll_events(a)}"
         )
+    with relayed(family, sockmap) as (c, _a, _b, s):
+        c.sendall(b"request")
+        read_for(s, 1.0, limit=7)
+        c.shutdown(socket.SHUT_WR)
+        time.sleep(0.1)
+        s.sendall(b"answer")
+        got, eof, err = read_for(c, 1.0, limit=6)
+        out.append(
+            f"half-close, then the other way: client shut down writing, backend answered 6 bytes; "
+            f"client read {got}{' and EOF' if eof else ''}{' ' + err if err else ''}"
+            + ("" if got == 6 else " (the answer is LOST)")
+        )
     size = 256 * MiB
     for ordered in (False, True):
         how = (
