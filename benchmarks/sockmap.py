@@ -1,17 +1,18 @@
 """An experiment: the kernel relaying bytes between two sockets with a sockmap, no relay wake-ups.
 
     .venv/bin/python benchmarks/sockmap.py                 # the rule experiments, then the benchmark
-    .venv/bin/python benchmarks/sockmap.py --rules         # only the rule experiments (seconds)
-    .venv/bin/python benchmarks/sockmap.py --quick         # smaller benchmark, 1 repeat
-    .venv/bin/python benchmarks/sockmap.py --vsock-check   # inside the micro-VM guest only:
-    scripts/microvm .venv/bin/python benchmarks/sockmap.py --vsock-check
+    .venv/bin/python benchmarks/sockmap.py --rules         # only the rule experiments (about a minute)
+    .venv/bin/python benchmarks/sockmap.py --bench         # only the benchmark (--size, --repeat, --rounds)
+    .venv/bin/python benchmarks/sockmap.py --quick         # both, smaller, 1 repeat
+    scripts/microvm .venv/bin/python benchmarks/sockmap.py --vsock-check   # in the micro-VM guest only
 
 Linux can move a socket's incoming bytes straight to another socket's send path: put both sockets
 in a BPF_MAP_TYPE_SOCKHASH and attach a BPF_PROG_TYPE_SK_SKB verdict program to the map that calls
 bpf_sk_redirect_hash() with the peer's key. This file loads that program with the bpf(2) system
-call through ctypes (no bcc, no clang, no libbpf): the map is keyed by socket cookie (SO_COOKIE)
-and each socket is stored under its PEER's cookie, so the program is "look up my own cookie,
-redirect there", eleven instructions.
+call through ctypes (no bcc, no clang, no libbpf). The map is keyed by socket cookie, the cookie
+the program sees for an skb (see redirect_key()), and each socket is stored under the key of the
+bytes arriving at its PEER, so the program is "look up the skb's own key, redirect there", eleven
+instructions.
 
 It then measures, on loopback, a minimal sockmap relay against a minimal splice relay and a plain
 Python recv/send relay (and hvbridge itself, whose data path is splice), with the benchmark's own
