@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar, final
 import click
 import trio
 
-from hvbridge import __version__, endpoints, hyperv, metrics, service, sshconfig
+from hvbridge import __version__, hyperv, metrics, service, sshconfig, transports
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, StdioAddress, VsockAddress, parse_address
 from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import (
@@ -37,6 +37,7 @@ from hvbridge.logs import event, setup_logging
 from hvbridge.relay import relay
 from hvbridge.routes import RouteOptions, RouteTable
 from hvbridge.supervisor import connect_with_retries
+from hvbridge.transports import base, tcp, vsock
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -250,15 +251,13 @@ def check(
     del verbose, quiet, log_format  # taken so that they may come before any command; check logs nothing
     table = load_config(config_path, config_format)
     # Parsing compared listen endpoints as text; here host names are resolved, as run does.
-    conflicts = listen_conflicts(table, endpoints.listen_hosts)
+    conflicts = listen_conflicts(table, tcp.listen_hosts)
     if conflicts:
         raise UserError("\n".join(str(problem) for problem in conflicts))
     click.echo(format_table(table), nl=False)
     if any(isinstance(a, VsockAddress) for r in table.routes for a in (r.listen, r.connect)) and hasattr(
         socket, "AF_VSOCK"
     ):
-        from hvbridge import vsock
-
         click.echo(f"# {vsock.describe_local_cid()}")
     for route in table.routes:
         for key, address in (("listen", route.listen), ("connect", route.connect)):
@@ -266,7 +265,7 @@ def check(
                 problem = hyperv.hyperv_port_problem(address.port)
                 if problem is not None:
                     click.echo(f"warning: routes.{route.name}.{key}: under Hyper-V, {problem}", err=True)
-            why = endpoints.unavailable_reason(address)
+            why = transports.unavailable_reason(address)
             if why is not None:
                 click.echo(
                     f"warning: routes.{route.name}.{key}: {why}; this route cannot run here",
@@ -475,7 +474,7 @@ async def _relay_stdio(target: Address, options: RouteOptions, *, fdpass: bool) 
             sshconfig.pass_fd(channel, sock.fileno())
         await trio.aclose_forcefully(backend)  # ssh holds its own copy now
         return None
-    stdio = _StdioSides(endpoints.open_stdio_stream())
+    stdio = _StdioSides(transports.stdio.open_stdio_stream())
     result = await relay(stdio, backend, half_close=True)
     event(
         logging.DEBUG,
@@ -494,10 +493,10 @@ async def _relay_stdio(target: Address, options: RouteOptions, *, fdpass: bool) 
     return stdio.failed or result.reason  # the client side: stdin or stdout
 
 
-async def _open_target(target: Address, options: RouteOptions) -> endpoints.Stream:
+async def _open_target(target: Address, options: RouteOptions) -> base.Stream:
     """connect_with_retries(), whose timeout speaks of this command's --connect-timeout."""
     try:
-        return await connect_with_retries(target, options, endpoints.connect, name="connect")
+        return await connect_with_retries(target, options, transports.connect, name="connect")
     except EndpointError as exc:
         if exc.message.startswith("timed out after "):
             raise EndpointError(exc.address, exc.op, f"{exc.message} (--connect-timeout)") from None

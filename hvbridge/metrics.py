@@ -42,11 +42,12 @@ from prometheus_client.metrics_core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 
-from hvbridge import __version__, endpoints
+from hvbridge import __version__, transports
 from hvbridge.errors import EndpointError
 from hvbridge.logs import event
 from hvbridge.routes import RouteOptions
 from hvbridge.stats import CONNECT_LATENCY_BUCKETS, Snapshot
+from hvbridge.transports import base
 
 if TYPE_CHECKING:
     from hvbridge.addresses import Address
@@ -242,21 +243,21 @@ async def handle_request(stream: trio.abc.Stream, render: Render) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def open_metrics_listeners(address: Address) -> list[endpoints.Listener]:
+async def open_metrics_listeners(address: Address) -> list[base.Listener]:
     """Bind the metrics endpoint (a Unix socket gets mode 0600).
 
     Raises:
         EndpointError: The address cannot be bound.
     """
-    return await endpoints.open_listeners(address, RouteOptions())
+    return await transports.open_listeners(address, RouteOptions())
 
 
 async def serve_metrics(
     address: Address,
     render: Render,
     *,
-    listeners: list[endpoints.Listener] | None = None,
-    task_status: trio.TaskStatus[list[endpoints.Listener]] = trio.TASK_STATUS_IGNORED,
+    listeners: list[base.Listener] | None = None,
+    task_status: trio.TaskStatus[list[base.Listener]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve `GET /metrics` on `address` (TCP or Unix) until cancelled.
 
@@ -279,12 +280,12 @@ async def serve_metrics(
         listeners = await open_metrics_listeners(address)
     limit = trio.Semaphore(MAX_SCRAPES)
 
-    async def handler(stream: endpoints.Stream) -> None:
+    async def handler(stream: base.Stream) -> None:
         async with limit:
             await handle_request(stream, render)
 
     for listener in listeners:
-        event(logging.INFO, "metrics listening", listen=endpoints.listener_address(listener))
+        event(logging.INFO, "metrics listening", listen=base.listener_address(listener))
     await trio.serve_listeners(handler, listeners, task_status=task_status)
 
 
@@ -302,7 +303,7 @@ async def probe(address: Address, routes: Iterable[str]) -> list[str]:
     """
     try:
         with trio.fail_after(PROBE_TIMEOUT):
-            stream = await endpoints.connect(address, RouteOptions())
+            stream = await transports.connect(address, RouteOptions())
             try:
                 await stream.send_all(b"GET /metrics HTTP/1.0\r\nHost: hvbridge\r\n\r\n")
                 data = bytearray()

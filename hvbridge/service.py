@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, final
 import attrs
 import trio
 
-from hvbridge import endpoints, hvsock
+from hvbridge import transports
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, TcpAddress, UnixAddress, VsockAddress
 from hvbridge.config import COMMAND_LINE, ListenBinds, listen_conflicts
 from hvbridge.errors import ConfigError, EndpointError, HvbridgeError, Problem
@@ -51,13 +51,14 @@ from hvbridge.metrics import Exposition, open_metrics_listeners, serve_metrics
 from hvbridge.routes import Route, RouteOptions, RouteTable
 from hvbridge.supervisor import Supervisor
 from hvbridge.systemd import ActivatedSocket, Notifier, listen_fds
+from hvbridge.transports import base, hvsock, tcp
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from hvbridge.stats import Snapshot
 
-Listeners = Mapping[str, list[endpoints.Listener]]
+Listeners = Mapping[str, list[base.Listener]]
 Loader = Callable[[], "RouteTable"]
 Command = Literal["reload", "stop"]
 
@@ -76,7 +77,7 @@ def check_listen_conflicts(table: RouteTable) -> None:
     Raises:
         ConfigError: Naming both routes of each collision.
     """
-    problems = listen_conflicts(table, endpoints.listen_hosts)
+    problems = listen_conflicts(table, tcp.listen_hosts)
     if problems:
         raise ConfigError(problems)
 
@@ -107,7 +108,7 @@ def check_families(table: RouteTable) -> None:
     problems = []
     for route in table.routes:
         for key, address in (("listen", route.listen), ("connect", route.connect)):
-            why = endpoints.unavailable_reason(address)
+            why = transports.unavailable_reason(address)
             if why is not None:
                 problems.append(Problem(table.source, None, f"routes.{route.name}.{key}", f"{address}: {why}"))
     if problems:
@@ -130,10 +131,10 @@ class Inherited:
 
     name: str
     address: str
-    listener: endpoints.Listener
+    listener: base.Listener
 
 
-def listener_from_fd(fd: int) -> endpoints.Listener:
+def listener_from_fd(fd: int) -> base.Listener:
     """A trio listener over the listening stream socket `fd` (any family); takes the fd.
 
     Raises:
@@ -142,7 +143,7 @@ def listener_from_fd(fd: int) -> endpoints.Listener:
     """
     sock = socket.socket(fileno=fd)
     try:
-        listener: endpoints.Listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        listener: base.Listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     except ValueError:
         sock.detach()  # leave the fd as we found it
         raise
@@ -162,7 +163,7 @@ def inherit(sockets: list[ActivatedSocket]) -> list[Inherited]:
                 name=activated.name,
             )
             continue
-        inherited.append(Inherited(activated.name, endpoints.listener_address(listener), listener))
+        inherited.append(Inherited(activated.name, base.listener_address(listener), listener))
     return inherited
 
 
@@ -194,8 +195,8 @@ class ListenerPool:
     """
 
     inherited: list[Inherited] = attrs.field(factory=list)
-    open_listeners: endpoints.OpenListeners = endpoints.open_listeners
-    opened: dict[PoolKey, list[endpoints.Listener]] = attrs.field(factory=dict)
+    open_listeners: base.OpenListeners = transports.open_listeners
+    opened: dict[PoolKey, list[base.Listener]] = attrs.field(factory=dict)
     #: Release a socket to bind another spelling of its address (see _open). Off with workers:
     #: they hold copies of the socket, so closing this process's copy would not free the port.
     respell: bool = True
@@ -205,11 +206,11 @@ class ListenerPool:
     _unix_options: dict[PoolKey, tuple[int, str | None, str | None]] = attrs.field(factory=dict, init=False)
     _options: dict[PoolKey, RouteOptions] = attrs.field(factory=dict, init=False)
 
-    def _find_inherited(self, route: Route) -> list[endpoints.Listener]:
+    def _find_inherited(self, route: Route) -> list[base.Listener]:
         named = [i.listener for i in self.inherited if i.name == route.name]
         return named or [i.listener for i in self.inherited if i.address == str(route.listen)]
 
-    async def acquire(self, table: RouteTable) -> dict[str, list[endpoints.Listener]]:
+    async def acquire(self, table: RouteTable) -> dict[str, list[base.Listener]]:
         """Listeners for every route of `table`, opening only addresses the pool lacks.
 
         All or nothing: if one address cannot be opened, the ones opened by this call are
@@ -219,8 +220,8 @@ class ListenerPool:
             EndpointError: A listen address cannot be opened (or a kept Unix socket file's
                 mode/owner cannot be changed).
         """
-        result: dict[str, list[endpoints.Listener]] = {}
-        new: dict[PoolKey, list[endpoints.Listener]] = {}
+        result: dict[str, list[base.Listener]] = {}
+        new: dict[PoolKey, list[base.Listener]] = {}
         released: list[PoolKey] = []
         self.reopened = False
         try:
@@ -259,14 +260,14 @@ class ListenerPool:
 
     async def _open(
         self, route: Route, wanted: set[PoolKey], released: list[PoolKey], *, named: bool
-    ) -> list[endpoints.Listener]:
+    ) -> list[base.Listener]:
         """Open a route's listeners; the error names the route (`named`: a table with route names).
 
         A socket of the running table that binds what this route binds, under another spelling
         (127.0.0.1:P -> 0.0.0.0:P or localhost:P), and that the new table no longer wants, is
         released first: the new route takes the port over.
         """
-        binds = ListenBinds(endpoints.listen_hosts if isinstance(route.listen, TcpAddress) else None)
+        binds = ListenBinds(tcp.listen_hosts if isinstance(route.listen, TcpAddress) else None)
         binds.claim(route.name, route.listen)
         stale = [k for k in self.opened if k not in wanted and binds.find(k[0]) is not None] if self.respell else []
         for key in stale:
@@ -288,7 +289,7 @@ class ListenerPool:
         if self._unix_options.get(key, wanted) == wanted or not isinstance(address, UnixAddress):
             return
         mode, owner, group = wanted
-        # As endpoints.py reads them: a name, or a number as digits.
+        # As transports/unix.py reads them: a name, or a number as digits.
         user_id: str | int | None = int(owner) if owner is not None and owner.isdigit() else owner
         group_id: str | int | None = int(group) if group is not None and group.isdigit() else group
         if not address.abstract:
@@ -326,7 +327,7 @@ class ListenerPool:
         self.inherited.clear()
 
 
-async def _follow_vm_names(listeners: list[endpoints.Listener]) -> None:
+async def _follow_vm_names(listeners: list[base.Listener]) -> None:
     """A kept listener on a VM name looks it up again (WSL has a new VmId after each start).
 
     A rebind is not undone if the reload fails later: the old VmId is gone either way.
@@ -374,7 +375,7 @@ class _Running:
     """A route's serving task: cancel `scope`, then wait for `done`."""
 
     route: Route
-    listeners: list[endpoints.Listener]
+    listeners: list[base.Listener]
     scope: trio.CancelScope
     done: trio.Event
 
@@ -399,7 +400,7 @@ class LocalEngine:
             if route.name not in self.running:
                 await self._start(route, listeners[route.name])
 
-    async def _start(self, route: Route, listeners: list[endpoints.Listener]) -> None:
+    async def _start(self, route: Route, listeners: list[base.Listener]) -> None:
         running = _Running(route, listeners, trio.CancelScope(), trio.Event())
         self.running[route.name] = running
         await self.routes.start(self._serve, running)
@@ -460,7 +461,7 @@ def _describe(exc: BaseException) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_local_engine(connect: endpoints.Connect = endpoints.connect) -> AsyncIterator[LocalEngine]:
+async def open_local_engine(connect: base.Connect = transports.connect) -> AsyncIterator[LocalEngine]:
     """A LocalEngine whose connections and routes end with the `async with` block."""
     async with trio.open_nursery() as connections, trio.open_nursery() as routes:
         try:
@@ -512,7 +513,7 @@ class Service:
     table: RouteTable | None = None
     exposition: Exposition | None = None
     #: The metrics server's listeners (their bound addresses), while it runs.
-    metrics_listeners: list[endpoints.Listener] = attrs.field(factory=list)
+    metrics_listeners: list[base.Listener] = attrs.field(factory=list)
     _metrics_address: Address | None = attrs.field(default=None, init=False)
     _metrics_server: _MetricsServer | None = attrs.field(default=None, init=False)
     _commands: tuple[trio.MemorySendChannel[Command], trio.MemoryReceiveChannel[Command]] = attrs.field(

@@ -1,7 +1,7 @@
 """The supervisor: accept loops, per-connection tasks, allow lists, logs and statistics.
 
 This module owns the life of routes and connections. It takes the socket layer as callables
-(`open_listeners`, `connect`, defaulting to endpoints.py), so tests inject fakes.
+(`open_listeners`, `connect`, defaulting to transports/), so tests inject fakes.
 
 Error handling: a connection's failure is caught in its own task, logged with route and peer,
 and never reaches another connection or the listener. An accept that fails for lack of
@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Final, NoReturn, final
 import attrs
 import trio
 
-from hvbridge import endpoints, proxyio, proxyproto
+from hvbridge import proxyio, proxyproto, transports
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.logs import LOGGER, event
 from hvbridge.proxyproto import ProxyHeader, ProxyProtocolError
 from hvbridge.relay import Transfer, abort, buffer_pool, relay
 from hvbridge.routes import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.stats import CONNECT_LATENCY_BUCKETS, RouteStatistics
+from hvbridge.transports import base, hvsock
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -133,8 +134,6 @@ def _unmapped(rule: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.
 async def peer_allowed(rules: Sequence[AllowRule], peer: tuple[int, object] | None) -> bool:
     """is_allowed(), except that Hyper-V peers go through hvsock, which resolves VM names."""
     if peer is not None and peer[0] == getattr(socket, "AF_HYPERV", None):  # pragma: no cover - Windows only
-        from hvbridge import hvsock
-
         return await hvsock.peer_vm_allowed([r.vm for r in rules if isinstance(r, VmRule)], peer[1])
     return is_allowed(rules, peer)
 
@@ -153,15 +152,15 @@ class Supervisor:
 
     Args:
         connections: The nursery connection tasks run in; it outlives every route.
-        open_listeners: Opens a route's listeners (default endpoints.open_listeners).
-        connect: Opens a route's backend stream (default endpoints.connect).
+        open_listeners: Opens a route's listeners (default transports.open_listeners).
+        connect: Opens a route's backend stream (default transports.connect).
     """
 
     connections: trio.Nursery
-    open_listeners: endpoints.OpenListeners = endpoints.open_listeners
-    connect: endpoints.Connect = endpoints.connect
+    open_listeners: base.OpenListeners = transports.open_listeners
+    connect: base.Connect = transports.connect
     counters: dict[str, RouteCounters] = attrs.field(factory=dict)
-    listeners: dict[str, list[endpoints.Listener]] = attrs.field(factory=dict)
+    listeners: dict[str, list[base.Listener]] = attrs.field(factory=dict)
     # Connection tasks started and not yet finished (counted from accept, before the task
     # runs), and where wait_idle() waits for that number to reach 0.
     _open: int = attrs.field(default=0, init=False)
@@ -185,8 +184,8 @@ class Supervisor:
         self,
         route: Route,
         *,
-        listeners: list[endpoints.Listener] | None = None,
-        task_status: trio.TaskStatus[list[endpoints.Listener]] = trio.TASK_STATUS_IGNORED,
+        listeners: list[base.Listener] | None = None,
+        task_status: trio.TaskStatus[list[base.Listener]] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         """Listen on the route and serve every connection; runs until cancelled.
 
@@ -213,7 +212,7 @@ class Supervisor:
             slots = trio.Semaphore(route.options.max_connections)
             async with trio.open_nursery() as nursery:
                 for listener in listeners:
-                    bound = endpoints.listener_address(listener)
+                    bound = base.listener_address(listener)
                     event(
                         logging.INFO,
                         "listening",
@@ -242,7 +241,7 @@ class Supervisor:
     async def _accept_loop(
         self,
         route: Route,
-        listener: endpoints.Listener,
+        listener: base.Listener,
         slots: trio.Semaphore,
         counters: RouteCounters,
     ) -> None:
@@ -271,11 +270,9 @@ class Supervisor:
             self._open += 1
             self.connections.start_soon(self._handle, route, stream, slots, counters)
 
-    async def _handle(
-        self, route: Route, stream: endpoints.Stream, slots: trio.Semaphore, counters: RouteCounters
-    ) -> None:
+    async def _handle(self, route: Route, stream: base.Stream, slots: trio.Semaphore, counters: RouteCounters) -> None:
         start = trio.current_time()
-        peer_info = endpoints.peer_address(stream)
+        peer_info = base.peer_address(stream)
         transfer = Transfer()
         counters.live.add(transfer)
         via = incoming = None
@@ -344,8 +341,8 @@ class Supervisor:
                     level,
                     "connection closed",
                     route=route.name,
-                    peer=endpoints.sockaddr_text(*peer_info) if peer_info else "-",
-                    **({"via": endpoints.sockaddr_text(*via)} if via else {}),
+                    peer=base.sockaddr_text(*peer_info) if peer_info else "-",
+                    **({"via": base.sockaddr_text(*via)} if via else {}),
                     target=str(route.connect),
                     bytes_in=transfer.client_to_backend,
                     bytes_out=transfer.backend_to_client,
@@ -359,8 +356,8 @@ class Supervisor:
     @staticmethod
     async def _send_first(
         route: Route,
-        client: endpoints.Stream,
-        backend: endpoints.Stream,
+        client: base.Stream,
+        backend: base.Stream,
         peer: tuple[int, object] | None,
         incoming: ProxyHeader | None,
         surplus: bytes,
@@ -376,7 +373,7 @@ class Supervisor:
         if surplus:
             await backend.send_all(surplus)
 
-    async def open_backend(self, route: Route) -> endpoints.Stream:
+    async def open_backend(self, route: Route) -> base.Stream:
         """Connect to the route's target (connect_with_retries) and record the connect latency.
 
         Raises:
@@ -391,8 +388,8 @@ class Supervisor:
 
 
 async def connect_with_retries(
-    target: Address, options: RouteOptions, connect: endpoints.Connect, *, name: str
-) -> endpoints.Stream:
+    target: Address, options: RouteOptions, connect: base.Connect, *, name: str
+) -> base.Stream:
     """Connect to `target` within options.connect_timeout, retrying as options.connect_retries says.
 
     Retries only failures that say "backend unavailable" (refused, reset, timed out...),
@@ -401,7 +398,7 @@ async def connect_with_retries(
     Args:
         target: The endpoint to connect to.
         options: Its connect_timeout and connect_retries (and what `connect` reads).
-        connect: Opens one stream (endpoints.connect, or a fake in tests).
+        connect: Opens one stream (transports.connect, or a fake in tests).
         name: The route's name, for the retry log lines.
 
     Raises:
@@ -442,8 +439,8 @@ def _is_loopback_text(bound: str) -> bool:
 async def serve_routes(
     table: RouteTable,
     *,
-    open_listeners: endpoints.OpenListeners = endpoints.open_listeners,
-    connect: endpoints.Connect = endpoints.connect,
+    open_listeners: base.OpenListeners = transports.open_listeners,
+    connect: base.Connect = transports.connect,
     task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve every route of `table` until cancelled.

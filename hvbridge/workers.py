@@ -50,7 +50,7 @@ from hvbridge.stats import RouteStatistics, Snapshot, merge_all, retired
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from hvbridge import endpoints
+    from hvbridge.transports import base
 
 #: How long a new worker may take to start its routes.
 READY_TIMEOUT: Final = 30.0
@@ -341,7 +341,7 @@ class WorkerEngine:
                 worker.process.kill()
 
 
-def _fileno(listener: endpoints.Listener, route: str) -> int:
+def _fileno(listener: base.Listener, route: str) -> int:
     sock = getattr(listener, "socket", None)
     if sock is None:
         raise WorkerError(

@@ -1,4 +1,4 @@
-"""Tests for hvbridge.hvsock: AF_HYPERV availability, the thread pump, the probe, listen/connect.
+"""Tests for hvbridge.transports.hvsock and threadstream: AF_HYPERV availability, the thread pump, the probe, listen/connect.
 
 Rules for this module: no Windows exists here, so
 - the thread pump (ThreadSocketStream / ThreadSocketListener) runs over real blocking sockets:
@@ -28,13 +28,14 @@ import pytest
 import trio
 import trio.testing
 
-from hvbridge import endpoints, hvsock, hyperv, service
+from hvbridge import hyperv, service, transports
 from hvbridge.addresses import HyperVAddress, parse_address
 from hvbridge.config import table_from_mapping
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
-from hvbridge.hvsock import ThreadSocketListener, ThreadSocketStream
 from hvbridge.relay import Transfer, relay
 from hvbridge.routes import RouteOptions
+from hvbridge.transports import base, hvsock, threadstream
+from hvbridge.transports.threadstream import ThreadSocketListener, ThreadSocketStream
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -134,8 +135,8 @@ async def test_hyperv_unavailable_here() -> None:
         for attempt in (
             hvsock.open_hvsock_listener(address, RouteOptions()),
             hvsock.connect_hvsock(address, RouteOptions()),
-            endpoints.open_listeners(address, RouteOptions()),
-            endpoints.connect(address, RouteOptions()),
+            transports.open_listeners(address, RouteOptions()),
+            transports.connect(address, RouteOptions()),
         ):
             with pytest.raises(AddressFamilyUnavailable) as info:
                 await attempt
@@ -150,7 +151,7 @@ async def test_pump_stream_basics(make_pair: Callable[[], tuple[socket.socket, s
     limiter = trio.CapacityLimiter(4)
     a, b = make_pair()
     pumped, peer = ThreadSocketStream(a, limiter), trio_stream(b)
-    assert endpoints.peer_address(pumped) == (a.family, a.getpeername())
+    assert base.peer_address(pumped) == (a.family, a.getpeername())
     with trio.fail_after(LIMIT):
         await pumped.send_all(b"ping")
         assert await peer.receive_some() == b"ping"
@@ -594,7 +595,7 @@ async def test_thread_listener_retries_transient_accept_errors(limiter: trio.Cap
         await client.aclose()
         await listener.aclose()
         await wait_idle(limiter)
-    assert code in hvsock.ACCEPT_TRANSIENT_ERRNOS
+    assert code in threadstream.ACCEPT_TRANSIENT_ERRNOS
 
 
 def test_threads_for() -> None:
@@ -792,7 +793,7 @@ async def test_listen_connect_relay(api: TcpApi, lookup: MutableLookup, model: s
         assert listener.vm_id == hyperv.HV_GUID_ZERO
         assert isinstance(listener.inner, trio.SocketListener if model == "readiness" else ThreadSocketListener)
         port = listener.socket.getsockname()[1]
-        assert endpoints.listener_address(listener) == f"tcp://127.0.0.1:{port}"
+        assert base.listener_address(listener) == f"tcp://127.0.0.1:{port}"
         async with trio.open_nursery() as nursery:
             accepted: list[trio.abc.HalfCloseableStream] = []
 
@@ -803,7 +804,7 @@ async def test_listen_connect_relay(api: TcpApi, lookup: MutableLookup, model: s
             connected = await hvsock.connect_hvsock(hv(f"hvsock://my-vm/{port}"), options)
         assert isinstance(connected, trio.SocketStream if model == "readiness" else ThreadSocketStream)
         server = accepted[0]
-        assert endpoints.peer_address(server) is not None
+        assert base.peer_address(server) is not None
         await connected.send_all(b"hello")
         await connected.send_eof()
         assert await receive_all(server) == b"hello"
@@ -1083,7 +1084,7 @@ async def test_reload_rebinds_a_listener_whose_vm_changed(
     """WSL restarted (new VmId): a reload keeps the listener object but binds it to the new VmId."""
     lookup, resolver = wsl_restarts
 
-    async def open_listeners(address: object, options: RouteOptions) -> list[endpoints.Listener]:
+    async def open_listeners(address: object, options: RouteOptions) -> list[base.Listener]:
         assert isinstance(address, HyperVAddress)
         return [await hvsock.open_hvsock_listener(address, options, resolver=resolver)]
 

@@ -15,12 +15,13 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from hvbridge import __version__, endpoints, metrics
+from hvbridge import __version__, metrics, transports
 from hvbridge.addresses import TcpAddress, UnixAddress, parse_address
 from hvbridge.metrics import Exposition, handle_request, probe, serve_metrics
 from hvbridge.relay import Transfer
 from hvbridge.stats import CONNECT_LATENCY_BUCKETS, RouteStatistics, merge, merge_all, retired
 from hvbridge.supervisor import RouteCounters
+from hvbridge.transports import base
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -195,7 +196,7 @@ async def _serve(address: str, nursery: trio.Nursery, listeners: dict[str, int])
 
     bound = await nursery.start(serve_metrics, parse_address(address), render)
 
-    return endpoints.listener_address(bound[0])
+    return base.listener_address(bound[0])
 
 
 async def test_serve_and_probe_tcp(nursery: trio.Nursery) -> None:
@@ -257,7 +258,7 @@ async def test_probe_a_server_that_never_answers(
     async def connect(address: object, options: object) -> trio.abc.HalfCloseableStream:
         return client
 
-    monkeypatch.setattr(endpoints, "connect", connect)
+    monkeypatch.setattr(transports, "connect", connect)
     address = TcpAddress("127.0.0.1", 9)
     with trio.fail_after(metrics.PROBE_TIMEOUT + 1):
         assert await probe(address, []) == [f"{address}: no answer within 5s"]

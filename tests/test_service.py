@@ -21,7 +21,7 @@ import attrs
 import pytest
 import trio
 
-from hvbridge import endpoints, service
+from hvbridge import service, transports
 from hvbridge.addresses import HyperVAddress, TcpAddress, UnixAddress, VsockAddress, parse_address
 from hvbridge.errors import ConfigError, EndpointError, Problem
 from hvbridge.routes import BridgeSettings, Route, RouteOptions, RouteTable
@@ -38,6 +38,7 @@ from hvbridge.service import (
     watch_file,
 )
 from hvbridge.systemd import ActivatedSocket, Notifier
+from hvbridge.transports import base
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -79,7 +80,7 @@ def bound(svc: Service, name: str) -> Address:
     """Where route `name` listens now."""
     engine = svc.engine
     assert isinstance(engine, service.LocalEngine)
-    return parse_address(endpoints.listener_address(engine.running[name].listeners[0]))
+    return parse_address(base.listener_address(engine.running[name].listeners[0]))
 
 
 async def connect(address: Address) -> trio.SocketStream:
@@ -343,7 +344,7 @@ async def test_reload_of_a_family_this_os_lacks(nursery: trio.Nursery, caplog: p
         hyperv = Route("vm", parse_address("tcp://127.0.0.1:0"), parse_address("hvsock://loopback/22"))
         svc = await start(nursery, table(route("web", backend)), Loader([table(route("web", backend), hyperv)]))
         with caplog.at_level(logging.ERROR, "hvbridge"):
-            if endpoints.unavailable_reason(hyperv.connect) is None:  # pragma: no cover - Windows
+            if transports.unavailable_reason(hyperv.connect) is None:  # pragma: no cover - Windows
                 pytest.skip("Hyper-V sockets exist here")
             assert not await svc.reload()
         assert "routes.vm.connect" in caplog.records[-1].getMessage()
@@ -420,11 +421,11 @@ async def test_reload_moves_the_metrics_endpoint(nursery: trio.Nursery) -> None:
         first = table(route("web", backend), metrics="tcp://127.0.0.1:0")
         loader = Loader([table(route("web", backend), metrics="tcp://127.0.0.2:0"), table(route("web", backend))])
         svc = await start(nursery, first, loader)
-        old = parse_address(endpoints.listener_address(svc.metrics_listeners[0]))
+        old = parse_address(base.listener_address(svc.metrics_listeners[0]))
         assert isinstance(old, TcpAddress)
         await assert_metrics(old, 'hvbridge_route_listeners{route="web"} 1.0')
         assert await svc.reload()
-        new = parse_address(endpoints.listener_address(svc.metrics_listeners[0]))
+        new = parse_address(base.listener_address(svc.metrics_listeners[0]))
         assert isinstance(new, TcpAddress)
         assert new.host == "127.0.0.2"
         await assert_metrics(new, 'hvbridge_route_listeners{route="web"} 1.0')
@@ -449,7 +450,7 @@ async def test_reload_keeps_metrics_where_it_cannot_move(
         with caplog.at_level(logging.ERROR, "hvbridge"):
             assert await svc.reload()
         assert caplog.records[-1].getMessage().startswith("metrics not moved: listen ")
-        old = parse_address(endpoints.listener_address(svc.metrics_listeners[0]))
+        old = parse_address(base.listener_address(svc.metrics_listeners[0]))
         assert isinstance(old, TcpAddress)
         await assert_metrics(old, "hvbridge_connections_active")
         busy.close()
@@ -642,7 +643,7 @@ async def test_start_fails_when_a_listener_cannot_open(tmp_path: Path) -> None:
 async def test_check_families() -> None:
     hyperv = parse_address("hvsock://loopback/22")
     assert isinstance(hyperv, HyperVAddress)
-    if endpoints.unavailable_reason(hyperv) is None:  # pragma: no cover - Windows
+    if transports.unavailable_reason(hyperv) is None:  # pragma: no cover - Windows
         pytest.skip("Hyper-V sockets exist here")
     check_families(table(route("ok", TcpAddress("127.0.0.1", 1))))
     bad = Route("vm", hyperv, hyperv)
@@ -670,10 +671,10 @@ async def test_a_failing_route_stops_alone(nursery: trio.Nursery, caplog: pytest
     with trio.fail_after(TIMEOUT):
         backend = await echo_backend(nursery)
 
-        async def open_listeners(address: Address, options: RouteOptions) -> list[endpoints.Listener]:
+        async def open_listeners(address: Address, options: RouteOptions) -> list[base.Listener]:
             if address == parse_address("unix:@hvbridge-test-broken"):
                 return [BrokenListener()]
-            return await endpoints.open_listeners(address, options)
+            return await transports.open_listeners(address, options)
 
         pool = ListenerPool(open_listeners=open_listeners)
         broken = route("broken", backend, listen="unix:@hvbridge-test-broken")

@@ -5,7 +5,7 @@ pulls from a memory channel; an accept_hook can fail it), backends come from Fak
 (memory streams, or a planned failure or hang per attempt). Time runs on the autojump clock,
 so timeouts and backoff delays are checked exactly and no test sleeps for real. A few tests
 at the end use real loopback sockets (127.0.0.1, port 0, Unix sockets in tmp_path) through
-endpoints.py. Every test is bounded with trio.fail_after.
+transports/. Every test is bounded with trio.fail_after.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import trio
 import trio.testing
 from trio.testing import MemoryReceiveStream, MemorySendStream
 
-from hvbridge import endpoints
+from hvbridge import transports
 from hvbridge.addresses import Address, TcpAddress, UnixAddress
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.logs import LOGGER
 from hvbridge.routes import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.supervisor import Supervisor, is_allowed, serve_routes
+from hvbridge.transports import base
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
@@ -178,9 +179,9 @@ async def start(
     """Run serve_routes over fake listeners and backends in `nursery`."""
     by_address = {route.listen: listeners for route, listeners in routes}
 
-    async def open_listeners(address: Address, options: RouteOptions) -> list[endpoints.Listener]:
+    async def open_listeners(address: Address, options: RouteOptions) -> list[base.Listener]:
         await trio.lowlevel.checkpoint()
-        opened: list[endpoints.Listener] = []
+        opened: list[base.Listener] = []
         opened.extend(by_address[address])
         return opened
 
@@ -691,7 +692,7 @@ async def test_listening_lines_and_the_open_listener_warning(
             supervisor = await start(nursery, (route, [listener]), backends=FakeBackends())
             assert supervisor.listeners == {"web": [listener]}
             nursery.cancel_scope.cancel()
-    listen = endpoints.sockaddr_text(*bound)
+    listen = base.sockaddr_text(*bound)
     (up,) = [r for r in caplog.records if r.getMessage() == "listening"]
     assert fields(up) == {"route": "web", "listen": listen, "connect": "tcp://backend.test:8080"}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -721,7 +722,7 @@ async def test_a_route_that_cannot_listen_stops_serve_routes_and_closes_the_othe
     opened = FakeListener("first")
     error = EndpointError("unix:///fake/second", "listen", "address already in use")
 
-    async def open_listeners(address: Address, options: RouteOptions) -> list[endpoints.Listener]:
+    async def open_listeners(address: Address, options: RouteOptions) -> list[base.Listener]:
         await trio.lowlevel.checkpoint()
         if address == UnixAddress("/fake/second"):
             raise error
@@ -782,7 +783,7 @@ async def test_end_to_end_tcp_to_unix(tmp_path: Path, caplog: pytest.LogCaptureF
     route = Route("e2e", TcpAddress("127.0.0.1", 0), backend_address)
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            echo_listeners = await endpoints.open_listeners(backend_address, RouteOptions())
+            echo_listeners = await transports.open_listeners(backend_address, RouteOptions())
             await nursery.start(trio.serve_listeners, _echo, echo_listeners)
             supervisor: Supervisor = await nursery.start(serve_routes, RouteTable((route,)))
             (listener,) = supervisor.listeners["e2e"]
@@ -1036,7 +1037,7 @@ async def test_a_backend_that_fails_the_header_send_closes_the_client(
     )
 
 
-async def _listeners(listener: FakeListener) -> list[endpoints.Listener]:
+async def _listeners(listener: FakeListener) -> list[base.Listener]:
     await trio.lowlevel.checkpoint()
     return [listener]
 

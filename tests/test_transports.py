@@ -1,4 +1,4 @@
-"""Tests for hvbridge.endpoints: listeners and connects for TCP and Unix sockets.
+"""Tests for hvbridge.transports: listeners and connects for TCP and Unix sockets.
 
 Rules for this module: real sockets only on loopback (127.0.0.1, ::1, port 0) and in tmp_path
 (plus Linux abstract names unique to this process). One side closes each connection. Every
@@ -25,7 +25,6 @@ import pytest
 import trio
 import trio.testing
 
-from hvbridge import endpoints
 from hvbridge.addresses import (
     VMADDR_CID_ANY,
     Address,
@@ -36,17 +35,10 @@ from hvbridge.addresses import (
     VsockAddress,
     VsockMuxAddress,
 )
-from hvbridge.endpoints import (
-    connect,
-    listener_address,
-    open_listeners,
-    peer_address,
-    sockaddr_text,
-    translate_connect_error,
-    unavailable_reason,
-)
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
 from hvbridge.routes import RouteOptions
+from hvbridge.transports import base, connect, open_listeners, unavailable_reason
+from hvbridge.transports.base import listener_address, peer_address, sockaddr_text, translate_connect_error
 
 LIMIT: Final = 10.0
 DEFAULTS: Final = RouteOptions()
@@ -87,13 +79,13 @@ async def exchange(client: trio.abc.Stream, server: trio.abc.Stream) -> None:
     await server.aclose()
 
 
-def port_of(listener: endpoints.Listener) -> int:
+def port_of(listener: base.Listener) -> int:
     match = re.fullmatch(r"tcp://(?:[0-9.]+|\[[0-9a-f:]+\]):(\d+)", listener_address(listener))
     assert match is not None, listener_address(listener)
     return int(match.group(1))
 
 
-async def close_all(listeners: list[endpoints.Listener]) -> None:
+async def close_all(listeners: list[base.Listener]) -> None:
     for listener in listeners:
         await listener.aclose()
 
@@ -186,7 +178,7 @@ async def test_tcp_address_not_on_this_machine() -> None:
     ],
 )
 def test_listen_hints(exc: OSError, message: str) -> None:
-    assert endpoints._listen_hint(exc) == message
+    assert base.listen_hint(exc) == message
 
 
 async def test_connect_to_a_closed_tcp_port_is_backend_unavailable() -> None:
@@ -594,6 +586,6 @@ def test_unavailable_reason(address: Address, reason: str | None) -> None:
 
 
 def test_family_unavailable() -> None:
-    error = endpoints.family_unavailable(VsockAddress(3, 5), "AF_VSOCK needs Linux")
+    error = base.family_unavailable(VsockAddress(3, 5), "AF_VSOCK needs Linux")
     assert isinstance(error, AddressFamilyUnavailable)
     assert str(error) == "open vsock://3:5: AF_VSOCK needs Linux"
