@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar, final
 import click
 import trio
 
-from hvbridge import __version__, hyperv, metrics, service, sshconfig, transports
+from hvbridge import __version__, hyperv, metrics, sshconfig, transports
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, StdioAddress, VsockAddress, parse_address
 from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import (
@@ -32,14 +32,20 @@ from hvbridge.config import (
     parse_duration,
     table_from_mapping,
 )
+from hvbridge.engine import Engine, open_local_engine
 from hvbridge.errors import AddressError, ConfigError, EndpointError, HvbridgeError
+from hvbridge.listeners import ListenerPool, inherit
 from hvbridge.logs import event, setup_logging
 from hvbridge.relay import relay
 from hvbridge.routes import RouteOptions, RouteTable
+from hvbridge.service import check_families, file_signature, log_file_problem, serve
 from hvbridge.supervisor import connect_with_retries
+from hvbridge.systemd import listen_fds
 from hvbridge.transports import base, tcp, vsock
+from hvbridge.workers import open_worker_engine
 
 if TYPE_CHECKING:
+    import contextlib
     from collections.abc import Callable
 
 P = ParamSpec("P")
@@ -576,19 +582,80 @@ def _serve(
     watch: bool = False,
     workers: int = 1,
 ) -> None:
-    """Run the daemon (service.run): signals, reload, drain, metrics, systemd, workers."""
+    """Run the daemon (run_daemon): signals, reload, drain, metrics, systemd, workers."""
     if workers > 1 and os.name != "posix":
         raise click.UsageError("--workers needs a POSIX system (the workers inherit the listening sockets)")
     from_file = config_path is not None and config_path != "-"
     if watch and not from_file:
         raise click.UsageError("--watch needs a route table file (not stdin)")
-    service.run(
+    run_daemon(
         table,
         load=load if from_file else None,
         watch=config_path if watch else None,
         workers=workers,
         log_level=_log_level(verbose, quiet, "") or None,
         log_format=log_format,
+    )
+
+
+def run_daemon(
+    table: RouteTable,
+    *,
+    load: Callable[[], RouteTable] | None = None,
+    watch: str | None = None,
+    workers: int = 1,
+    log_level: str | None = None,
+    log_format: Literal["text", "json"] | None = None,
+) -> None:
+    """Run the daemon in this process until it is stopped: the `run` and `forward` commands.
+
+    The composition root: picks the engine (this process, or --workers processes).
+
+    Sets up logging, takes socket-activated sockets ($LISTEN_FDS), and runs serve() with
+    `workers` processes (1: this process relays).
+
+    Args:
+        table: The route table to start with.
+        load: Re-reads the table (SIGHUP, --watch); None when it did not come from a file.
+        watch: The file to poll for changes (--watch), or None.
+        workers: Processes that relay (--workers).
+        log_level: A -v/-q override of [bridge] log_level.
+        log_format: A --log-format override of [bridge] log_format.
+
+    Raises:
+        HvbridgeError: The table cannot run here (family missing, listener cannot be opened).
+    """
+    # Taken before anything else, so that an edit made while starting up is seen.
+    since = file_signature(watch) if watch is not None else None
+    level = log_level or table.bridge.log_level
+    fmt = log_format or table.bridge.log_format
+    if workers > 1 and table.bridge.log_file is not None:
+        raise ConfigError.single(
+            table.source,
+            "bridge.log_file",
+            "cannot be used with --workers (the worker processes log to stderr); remove one of them",
+        )
+    try:
+        setup_logging(level, fmt, table.bridge.log_file)
+    except OSError as exc:
+        raise ConfigError([log_file_problem(table, exc)]) from exc
+    check_families(table)
+    engine: Callable[[], contextlib.AbstractAsyncContextManager[Engine]] = open_local_engine
+    if workers > 1:
+        engine = functools.partial(open_worker_engine, workers, level, fmt)
+    pool = ListenerPool(inherit(listen_fds()), respell=workers <= 1)
+    trio.run(
+        functools.partial(
+            serve,
+            table,
+            engine=engine,
+            pool=pool,
+            load=load,
+            watch=watch,
+            watch_since=since,
+            log_level=log_level,
+            log_format=log_format,
+        )
     )
 
 

@@ -1,7 +1,7 @@
 """`--workers N`: N processes accept on the same listening sockets; the main process manages them.
 
 This module owns the worker processes and the control channel to each. The main process
-opens every listening socket (service.ListenerPool: its own, or systemd's), then starts N
+opens every listening socket (listeners.ListenerPool: its own, or systemd's), then starts N
 workers with `python -c ...` and passes them the sockets' fds (`pass_fds`), so the kernel
 spreads connections over processes that each run their own trio loop. The main process
 relays nothing.
@@ -42,9 +42,10 @@ import attrs
 import trio
 
 from hvbridge.errors import HvbridgeError
+from hvbridge.listeners import Inherited, ListenerPool, Listeners, listener_from_fd
 from hvbridge.logs import LOGGER, event, setup_logging
 from hvbridge.routes import RouteTable
-from hvbridge.service import Inherited, ListenerPool, Listeners, Service, listener_from_fd, serve
+from hvbridge.service import Service, serve
 from hvbridge.stats import RouteStatistics, Snapshot, merge_all, retired
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ class Worker:
 @final
 @attrs.define(eq=False)
 class WorkerEngine:
-    """The service.Engine of the main process: generations of N workers.
+    """The engine.Engine of the main process: generations of N workers.
 
     Args:
         count: Workers per generation.

@@ -1,4 +1,4 @@
-"""Tests for hvbridge.transports.hvsock and threadstream: AF_HYPERV availability, the thread pump, the probe, listen/connect.
+"""Tests for transports.hvsock and threadstream: AF_HYPERV availability, the thread pump, the probe, listen/connect.
 
 Rules for this module: no Windows exists here, so
 - the thread pump (ThreadSocketStream / ThreadSocketListener) runs over real blocking sockets:
@@ -28,10 +28,11 @@ import pytest
 import trio
 import trio.testing
 
-from hvbridge import hyperv, service, transports
+from hvbridge import hyperv, transports
 from hvbridge.addresses import HyperVAddress, parse_address
 from hvbridge.config import table_from_mapping
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
+from hvbridge.listeners import ListenerPool
 from hvbridge.relay import Transfer, relay
 from hvbridge.routes import RouteOptions
 from hvbridge.transports import base, hvsock, threadstream
@@ -1088,7 +1089,7 @@ async def test_reload_rebinds_a_listener_whose_vm_changed(
         assert isinstance(address, HyperVAddress)
         return [await hvsock.open_hvsock_listener(address, options, resolver=resolver)]
 
-    pool = service.ListenerPool(open_listeners=open_listeners)
+    pool = ListenerPool(open_listeners=open_listeners)
     table = table_from_mapping(
         {"routes": {"in": {"listen": "hvsock://wsl/0", "connect": "tcp://127.0.0.1:9"}}}, source="test"
     )

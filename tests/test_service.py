@@ -1,4 +1,4 @@
-"""service.py in this process: reload, graceful shutdown, signals, --watch, the listener pool.
+"""service.py in this process (reload, graceful shutdown, signals, --watch) and listeners.py.
 
 Routes run on loopback (127.0.0.1 port 0, Unix sockets in tmp_path) to an echo backend in the
 test's nursery; every test is bounded by trio.fail_after. Signals are real (os.kill on this
@@ -23,20 +23,11 @@ import trio
 
 from hvbridge import service, transports
 from hvbridge.addresses import HyperVAddress, TcpAddress, UnixAddress, VsockAddress, parse_address
+from hvbridge.engine import LocalEngine
 from hvbridge.errors import ConfigError, EndpointError, Problem
+from hvbridge.listeners import Inherited, ListenerPool, inherit, listener_from_fd, pool_key
 from hvbridge.routes import BridgeSettings, Route, RouteOptions, RouteTable
-from hvbridge.service import (
-    Inherited,
-    ListenerPool,
-    Service,
-    check_families,
-    file_signature,
-    inherit,
-    listener_from_fd,
-    pool_key,
-    serve,
-    watch_file,
-)
+from hvbridge.service import Service, check_families, file_signature, serve, watch_file
 from hvbridge.systemd import ActivatedSocket, Notifier
 from hvbridge.transports import base
 
@@ -79,7 +70,7 @@ def table(*routes: Route, grace: float = 10.0, metrics: str | None = None) -> Ro
 def bound(svc: Service, name: str) -> Address:
     """Where route `name` listens now."""
     engine = svc.engine
-    assert isinstance(engine, service.LocalEngine)
+    assert isinstance(engine, LocalEngine)
     return parse_address(base.listener_address(engine.running[name].listeners[0]))
 
 
@@ -171,7 +162,7 @@ async def test_reload_adds_removes_and_changes_routes(nursery: trio.Nursery) -> 
         first = table(route("keep", backend), route("change", backend), route("drop", backend))
         svc = await start(nursery, first, loader)
         engine = svc.engine
-        assert isinstance(engine, service.LocalEngine)
+        assert isinstance(engine, LocalEngine)
         keep, change, drop = bound(svc, "keep"), bound(svc, "change"), bound(svc, "drop")
         keep_listener = engine.running["keep"].listeners[0]
         change_listener = engine.running["change"].listeners[0]
@@ -232,7 +223,7 @@ async def test_reload_that_cannot_bind_keeps_the_table(nursery: trio.Nursery, ca
         loader = Loader()
         svc = await start(nursery, table(route("web", backend)), loader)
         engine = svc.engine
-        assert isinstance(engine, service.LocalEngine)
+        assert isinstance(engine, LocalEngine)
         loader.results.append(
             table(
                 route("web", backend, options=RouteOptions(connect_timeout=1.0)),
@@ -491,7 +482,7 @@ async def test_metrics_count_the_traffic(nursery: trio.Nursery) -> None:
 def engine_idle(svc: Service) -> bool:
     """No connection is open in the service's (local) engine."""
     engine = svc.engine
-    assert isinstance(engine, service.LocalEngine)
+    assert isinstance(engine, LocalEngine)
     return engine.supervisor.active == 0
 
 
@@ -625,7 +616,7 @@ async def test_signals(nursery: trio.Nursery, tmp_path: Path) -> None:
 
         svc = await nursery.start(run)
         engine = svc.engine
-        assert isinstance(engine, service.LocalEngine)
+        assert isinstance(engine, LocalEngine)
         os.kill(os.getpid(), signal.SIGHUP)
         await wait_until(lambda: "new" in engine.running)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -681,7 +672,7 @@ async def test_a_failing_route_stops_alone(nursery: trio.Nursery, caplog: pytest
         with caplog.at_level(logging.ERROR, "hvbridge"):
             svc = await start(nursery, table(route("web", backend), broken), pool=pool)
             engine = svc.engine
-            assert isinstance(engine, service.LocalEngine)
+            assert isinstance(engine, LocalEngine)
             await wait_until(lambda: "broken" not in engine.running)
         assert "route stopped: " in caplog.records[-1].getMessage()
         await assert_serves(bound(svc, "web"))
@@ -717,7 +708,7 @@ async def test_inherited_sockets_by_name_and_by_address(nursery: trio.Nursery) -
         routes = table(route("web", backend, listen="tcp://127.0.0.1:1"), route("other", backend, listen=by_address))
         svc = await start(nursery, routes, pool=pool)
         engine = svc.engine
-        assert isinstance(engine, service.LocalEngine)
+        assert isinstance(engine, LocalEngine)
         assert [engine.running[n].listeners[0] for n in ("web", "other")] == [i.listener for i in pool.inherited]
         assert pool.opened == {}
         await assert_serves(bound(svc, "web"))
