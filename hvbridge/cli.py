@@ -1,7 +1,7 @@
 """The `hvbridge` command line (docs/reference.md, "Command line"): run, check, forward, connect, hyperv.
 
-This module owns argument parsing and exit codes; service.py runs the daemon (signals, reload,
-shutdown, workers). Exit status:
+This module owns argument parsing and exit codes, and composes the daemon (run_daemon: the
+engine, the listener pool, logging); service.py runs it (signals, reload, shutdown). Exit status:
 0 clean exit; 1 a user error (HvbridgeError), printed as `Error: ...` lines on stderr with no
 traceback; 2 bad usage (click). Anything else escaping is a bug and keeps its traceback.
 """

@@ -261,7 +261,7 @@ class Supervisor:
                     await trio.sleep(ACCEPT_RETRY_DELAY)
                     continue
                 # Anything else means the listening socket itself is broken: this route ends
-                # (service.py logs it and keeps every other route running).
+                # (engine.py logs it and keeps every other route running).
                 raise
             except BaseException:
                 slots.release()
