@@ -37,6 +37,7 @@ from hvbridge.errors import AddressError, ConfigError, EndpointError, HvbridgeEr
 from hvbridge.listeners import ListenerPool, inherit
 from hvbridge.logs import event, setup_logging
 from hvbridge.relay import relay
+from hvbridge.relay.ends import EndReason
 from hvbridge.routes import RouteOptions, RouteTable
 from hvbridge.service import check_families, file_signature, log_file_problem, serve
 from hvbridge.supervisor import connect_with_retries
@@ -490,12 +491,12 @@ async def _relay_stdio(target: Address, options: RouteOptions, *, fdpass: bool) 
         bytes_out=result.backend_to_client,
         reason=result.reason,
     )
-    if result.reason == "closed":
+    if result.end is EndReason.CLOSED:
         return None
-    if result.reason == "reset by backend":
+    if result.end is EndReason.RESET_BY_BACKEND:
         return f"the backend {target} reset the connection"
-    if result.reason.startswith("backend error: "):
-        return f"the backend {target} failed ({result.reason.removeprefix('backend error: ')})"
+    if result.end is EndReason.BACKEND_ERROR:
+        return f"the backend {target} failed ({result.detail})"
     return stdio.failed or result.reason  # the client side: stdin or stdout
 
 

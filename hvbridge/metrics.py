@@ -69,10 +69,6 @@ Render = Callable[[], Awaitable[bytes]]
 # ------------------------------------------------------------------------------- exposition
 
 
-def _label(reason: str) -> str:
-    return reason.strip().replace(" ", "_")
-
-
 @final
 @attrs.define(eq=False)
 class RouteCollector:
@@ -121,7 +117,7 @@ class RouteCollector:
             refused.add_metric([name], stats.refused)
             failed.add_metric([name], stats.failed)
             for reason, count in sorted(stats.closed.items()):
-                closed.add_metric([name, _label(reason)], count)
+                closed.add_metric([name, reason], count)
             relayed.add_metric([name, "client_to_backend"], stats.bytes_in)
             relayed.add_metric([name, "backend_to_client"], stats.bytes_out)
             buckets: list[tuple[str, float]] = []

@@ -36,7 +36,9 @@ from hvbridge import proxyio, proxyproto, transports
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.logs import LOGGER, event
 from hvbridge.proxyproto import ProxyHeader, ProxyProtocolError
-from hvbridge.relay import Transfer, abort, buffer_pool, relay
+from hvbridge.relay import relay
+from hvbridge.relay.ends import EndReason, Transfer
+from hvbridge.relay.pump import abort, buffer_pool
 from hvbridge.routes import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.stats import CONNECT_LATENCY_BUCKETS, RouteStatistics
 from hvbridge.transports import base, hvsock
@@ -284,21 +286,21 @@ class Supervisor:
                         incoming, surplus = await proxyio.read_header(stream, route.options.connect_timeout)
                     except ProxyProtocolError as exc:
                         counters.refused += 1
-                        transfer.reason = f"refused: bad PROXY header: {exc}"
+                        transfer.end, transfer.detail = EndReason.REFUSED, f"bad PROXY header: {exc}"
                         await abort(stream)
                         return
                     if incoming.peer() is not None:  # LOCAL and UNKNOWN keep the real peer
                         via, peer_info = peer_info, incoming.peer()
                 if route.options.allow and not await peer_allowed(route.options.allow, peer_info):
                     counters.refused += 1
-                    transfer.reason = "refused by allow list"
+                    transfer.end = EndReason.REFUSED_BY_ALLOW_LIST
                     await abort(stream)
                     return
                 try:
                     backend = await self.open_backend(route)
                 except EndpointError as exc:
                     counters.failed += 1
-                    transfer.reason = f"connect failed: {exc.message}"
+                    transfer.end, transfer.detail = EndReason.CONNECT_FAILED, exc.message
                     await abort(stream)
                     return
                 if route.options.proxy_protocol != "none" or surplus:
@@ -309,7 +311,8 @@ class Supervisor:
                         if not isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
                             raise
                         counters.failed += 1
-                        transfer.reason = f"connect failed: cannot send the first bytes to the backend ({exc})"
+                        transfer.end = EndReason.CONNECT_FAILED
+                        transfer.detail = f"cannot send the first bytes to the backend ({exc})"
                         await abort(stream)
                         return
             except BaseException:
@@ -331,11 +334,11 @@ class Supervisor:
             counters.live.discard(transfer)
             counters.bytes_in += transfer.client_to_backend
             counters.bytes_out += transfer.backend_to_client
-            if not transfer.reason:
-                transfer.reason = "cancelled"
-            kind = transfer.reason.split(":")[0]
-            counters.closed[kind] = counters.closed.get(kind, 0) + 1
-            level = logging.WARNING if transfer.reason.startswith(("connect failed", "refused")) else logging.INFO
+            if transfer.end is None:
+                transfer.end = EndReason.CANCELLED
+            end = transfer.end
+            counters.closed[end.label] = counters.closed.get(end.label, 0) + 1
+            level = logging.WARNING if end.not_relayed else logging.INFO
             if LOGGER.isEnabledFor(level):  # skip building the fields when the line is not logged
                 event(
                     level,

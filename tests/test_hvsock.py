@@ -33,7 +33,7 @@ from hvbridge.addresses import HyperVAddress, parse_address
 from hvbridge.config import table_from_mapping
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
 from hvbridge.listeners import ListenerPool
-from hvbridge.relay import Transfer, relay
+from hvbridge.relay import relay
 from hvbridge.routes import RouteOptions
 from hvbridge.transports import base, hvsock, threadstream
 from hvbridge.transports.threadstream import ThreadSocketListener, ThreadSocketStream
@@ -41,6 +41,8 @@ from hvbridge.transports.threadstream import ThreadSocketListener, ThreadSocketS
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
+
+    from hvbridge.relay.ends import Transfer
 
 #: Bound for one test (real clock: threads do not run on the autojump clock).
 LIMIT: Final = 10.0

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hvbridge import __version__, metrics, transports
 from hvbridge.addresses import TcpAddress, UnixAddress, parse_address
 from hvbridge.metrics import Exposition, handle_request, probe, serve_metrics
-from hvbridge.relay import Transfer
+from hvbridge.relay.ends import EndReason, Transfer
 from hvbridge.stats import CONNECT_LATENCY_BUCKETS, RouteStatistics, merge, merge_all, retired
 from hvbridge.supervisor import RouteCounters
 from hvbridge.transports import base
@@ -32,7 +32,7 @@ NO_BUCKETS = (0,) * (len(CONNECT_LATENCY_BUCKETS) + 1)
 def _stats() -> RouteStatistics:
     """One route's counters, with connects of 2 ms and 20 s in the latency histogram."""
     counters = RouteCounters(accepted=3, refused=1, failed=1, bytes_in=100, bytes_out=2000)
-    counters.closed.update({"closed": 1, "refused by allow list": 1})
+    counters.closed.update({EndReason.CLOSED.label: 1, EndReason.REFUSED_BY_ALLOW_LIST.label: 1})
     counters.live.add(Transfer())
     counters.observe_connect(0.002)
     counters.observe_connect(20.0)
@@ -88,7 +88,7 @@ def test_exposition_of_a_process_group() -> None:
 
 def test_merge_adds_every_counter() -> None:
     a = _stats()
-    b = RouteStatistics(1, 2, 0, 0, 5, 6, {"closed": 2, "idle timeout": 1})
+    b = RouteStatistics(1, 2, 0, 0, 5, 6, {EndReason.CLOSED.label: 2, EndReason.IDLE_TIMEOUT.label: 1})
     total = merge(a, b)
     assert total.accepted == 4
     assert total.active == 3
@@ -96,7 +96,11 @@ def test_merge_adds_every_counter() -> None:
     assert total.failed == 1
     assert total.bytes_in == 105
     assert total.bytes_out == 2006
-    assert total.closed == {"closed": 3, "refused by allow list": 1, "idle timeout": 1}
+    assert total.closed == {
+        EndReason.CLOSED.label: 3,
+        EndReason.REFUSED_BY_ALLOW_LIST.label: 1,
+        EndReason.IDLE_TIMEOUT.label: 1,
+    }
     assert total.connect_buckets == a.connect_buckets
     assert total.connect_seconds == a.connect_seconds
 

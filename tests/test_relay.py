@@ -22,8 +22,9 @@ import trio.testing
 from support import settled
 from trio.testing import MemoryReceiveStream, MemorySendStream, memory_stream_pump
 
-from hvbridge import splice
-from hvbridge.relay import DEFAULT_BUFFER_SIZE, BufferPool, Transfer, abort, buffer_pool, relay
+from hvbridge.relay import relay, splice
+from hvbridge.relay.ends import EndReason, Side, Transfer, eof_end, failure_end
+from hvbridge.relay.pump import DEFAULT_BUFFER_SIZE, BufferPool, abort, buffer_pool
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -800,3 +801,39 @@ def test_buffer_pool_is_one_per_size() -> None:
     assert buffer_pool(1234) is buffer_pool(1234)
     assert buffer_pool(1234) is not buffer_pool()
     assert buffer_pool(1234).size == 1234
+
+
+# ------------------------------------------------------------------ ends.py: the end-of-relay rules
+
+
+@pytest.mark.parametrize(
+    ("side", "half_close", "open_directions", "end"),
+    [
+        ("client", False, 1, EndReason.CLOSED_BY_CLIENT),
+        ("backend", False, 1, EndReason.CLOSED_BY_BACKEND),
+        ("client", True, 1, None),
+        ("backend", True, 0, EndReason.CLOSED),
+    ],
+)
+def test_eof_end(side: Side, half_close: bool, open_directions: int, end: EndReason | None) -> None:
+    assert eof_end(side, half_close=half_close, directions_open=open_directions) is end
+
+
+def test_failure_end_tells_a_reset_from_an_error() -> None:
+    reset = OSError(errno.ECONNRESET, "Connection reset by peer")
+    assert failure_end("backend", trio.BrokenResourceError("x")) == (EndReason.RESET_BY_BACKEND, "")
+    wrapped = trio.BrokenResourceError("broken")
+    wrapped.__cause__ = reset
+    assert failure_end("client", wrapped) == (EndReason.RESET_BY_CLIENT, "")
+    refused = OSError(errno.EACCES, "Permission denied")
+    assert failure_end("client", refused) == (EndReason.CLIENT_ERROR, "EACCES Permission denied")
+
+
+def test_end_reason_text_label_and_transfer_reason() -> None:
+    assert EndReason.CLOSED_BY_CLIENT.label == "closed_by_client"
+    assert EndReason.CONNECT_FAILED.not_relayed
+    assert not EndReason.CLOSED.not_relayed
+    transfer = Transfer()
+    assert transfer.reason == ""
+    transfer.end, transfer.detail = EndReason.CONNECT_FAILED, "timed out after 0.5s"
+    assert transfer.reason == "connect failed: timed out after 0.5s"

@@ -1,4 +1,4 @@
-"""Tests for hvbridge.splice: the relay's Linux fast path (splice through pooled pipes).
+"""Tests for hvbridge.relay.splice: the relay's Linux fast path (splice through pooled pipes).
 
 Rules for this module: real loopback socket pairs only (TCP on 127.0.0.1, AF_UNIX socketpair),
 driven through relay.relay(), which picks the splice path for two socket streams. The reactor
@@ -28,8 +28,8 @@ import trio
 import trio.testing
 from support import settled
 
-from hvbridge import splice
-from hvbridge.relay import Transfer, relay
+from hvbridge.relay import relay, splice
+from hvbridge.relay.ends import Transfer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

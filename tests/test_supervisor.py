@@ -29,6 +29,7 @@ from hvbridge import transports
 from hvbridge.addresses import Address, TcpAddress, UnixAddress
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.logs import LOGGER
+from hvbridge.relay.ends import EndReason
 from hvbridge.routes import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.supervisor import Supervisor, is_allowed, serve_routes
 from hvbridge.transports import base
@@ -283,7 +284,12 @@ async def test_connect_timeout_closes_the_client_and_the_route_keeps_serving(
                 await client.send_all(b"anyone there?")
             await trio.testing.wait_all_tasks_blocked()
             stats = supervisor.statistics()["r"]
-            assert (stats.accepted, stats.active, stats.failed, stats.closed) == (1, 0, 1, {"connect failed": 1})
+            assert (stats.accepted, stats.active, stats.failed, stats.closed) == (
+                1,
+                0,
+                1,
+                {EndReason.CONNECT_FAILED.label: 1},
+            )
 
             second = listener.dial()
             _, backend = await backends.next()
@@ -501,7 +507,7 @@ async def test_a_refused_peer_is_closed_counted_and_logged(
             await roundtrip(allowed, backend)
             stats = supervisor.statistics()["r"]
             assert (stats.accepted, stats.refused, stats.failed, stats.active) == (3, 2, 0, 1)
-            assert stats.closed == {"refused by allow list": 2}
+            assert stats.closed == {EndReason.REFUSED_BY_ALLOW_LIST.label: 2}
             nursery.cancel_scope.cancel()
     assert len(backends.attempts) == 1  # refused peers never reach the backend
     refusals = [r for r in caplog.records if r.getMessage() == "connection closed"][:2]
@@ -541,7 +547,7 @@ async def test_statistics_count_connections_and_bytes(autojump_clock: trio.testi
             await trio.testing.wait_all_tasks_blocked()
             stats = supervisor.statistics()["r"]
             assert (stats.accepted, stats.active, stats.bytes_in, stats.bytes_out) == (1, 0, 10, 20)
-            assert stats.closed == {"closed": 1}
+            assert stats.closed == {EndReason.CLOSED.label: 1}
             assert supervisor.active == 0
             nursery.cancel_scope.cancel()
 
@@ -765,7 +771,7 @@ async def test_serve_route_leaves_listeners_it_was_given_open(autojump_clock: tr
             await client.send_eof()
             await backend.send_eof()
             await supervisor.wait_idle()
-    assert supervisor.statistics()["r"].closed == {"closed": 1}
+    assert supervisor.statistics()["r"].closed == {EndReason.CLOSED.label: 1}
 
 
 # ------------------------------------------------------------------------ real loopback sockets
@@ -849,7 +855,7 @@ V1_HEADER: Final = b"PROXY TCP4 10.1.2.3 192.0.2.1 4000 443\r\n"
 async def test_proxy_protocol_header_goes_first_and_the_splice_path_is_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from hvbridge import splice
+    from hvbridge.relay import splice
 
     spliced: list[bool] = []
 

@@ -33,8 +33,9 @@ from conftest import (
 )
 
 import hvbridge
-from hvbridge import hyperv, service, splice, transports
+from hvbridge import hyperv, service, transports
 from hvbridge.config import format_table, table_from_mapping
+from hvbridge.relay import splice
 from hvbridge.transports import base
 from hvbridge.transports.threadstream import ThreadSocketStream
 
