@@ -22,6 +22,7 @@ import trio
 
 from hvbridge import __version__, hyperv, metrics, sshconfig, transports
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, StdioAddress, VsockAddress, parse_address
+from hvbridge.backend import Backend
 from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import (
     COMMAND_LINE,
@@ -503,7 +504,7 @@ async def _relay_stdio(target: Address, options: RouteOptions, *, fdpass: bool) 
 async def _open_target(target: Address, options: RouteOptions) -> base.Stream:
     """connect_with_retries(), whose timeout speaks of this command's --connect-timeout."""
     try:
-        return await connect_with_retries(target, options, transports.connect, name="connect")
+        return await connect_with_retries(target, options, Backend().connect, name="connect")
     except EndpointError as exc:
         if exc.message.startswith("timed out after "):
             raise EndpointError(exc.address, exc.op, f"{exc.message} (--connect-timeout)") from None
@@ -641,14 +642,16 @@ def run_daemon(
     except OSError as exc:
         raise ConfigError([log_file_problem(table, exc)]) from exc
     check_families(table)
-    engine: Callable[[], contextlib.AbstractAsyncContextManager[Engine]] = open_local_engine
+    backend = Backend()
+    engine: Callable[[], contextlib.AbstractAsyncContextManager[Engine]] = functools.partial(open_local_engine, backend)
     if workers > 1:
         engine = functools.partial(open_worker_engine, workers, level, fmt)
-    pool = ListenerPool(inherit(listen_fds()), respell=workers <= 1)
+    pool = ListenerPool(inherit(listen_fds()), backend.open_listeners, respell=workers <= 1)
     trio.run(
         functools.partial(
             serve,
             table,
+            backend=backend,
             engine=engine,
             pool=pool,
             load=load,
@@ -680,7 +683,7 @@ def probe(
         raise UserError(f"{table.source}: bridge.metrics is not set; `probe` asks the metrics endpoint")
     if str(table.bridge.metrics).endswith(":0"):
         raise UserError(f"{table.source}: bridge.metrics has port 0; `probe` needs a fixed port to ask")
-    problems = trio.run(metrics.probe, table.bridge.metrics, [route.name for route in table.routes])
+    problems = trio.run(metrics.probe, table.bridge.metrics, [route.name for route in table.routes], Backend().connect)
     if problems:
         raise UserError("\n".join(problems))
     click.echo(f"healthy: {len(table.routes)} route(s) listening")

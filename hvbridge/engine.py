@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol, final
 import attrs
 import trio
 
-from hvbridge import transports
+from hvbridge.backend import Backend
 from hvbridge.errors import HvbridgeError
 from hvbridge.logs import event
 from hvbridge.routes import Route, RouteTable
@@ -145,11 +145,20 @@ def _describe(exc: BaseException) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_local_engine(connect: base.Connect = transports.connect) -> AsyncIterator[LocalEngine]:
-    """A LocalEngine whose connections and routes end with the `async with` block."""
+async def open_local_engine(
+    backend: Backend | None = None, connect: base.Connect | None = None
+) -> AsyncIterator[LocalEngine]:
+    """A LocalEngine whose connections and routes end with the `async with` block.
+
+    Args:
+        backend: Opens, inspects and closes streams (default: a new Backend).
+        connect: Opens a route's backend stream (default: backend.connect).
+    """
+    backend = backend if backend is not None else Backend()
     async with trio.open_nursery() as connections, trio.open_nursery() as routes:
         try:
-            yield LocalEngine(Supervisor(connections, connect=connect), routes)
+            supervisor = Supervisor(connections, backend, connect=connect if connect is not None else backend.connect)
+            yield LocalEngine(supervisor, routes)
         finally:
             routes.cancel_scope.cancel()
             connections.cancel_scope.cancel()

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
-from hvbridge import transports
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, TcpAddress, UnixAddress, VsockAddress
+from hvbridge.backend import Backend
 from hvbridge.config import COMMAND_LINE, ListenBinds
 from hvbridge.errors import EndpointError, HvbridgeError
 from hvbridge.logs import event
@@ -117,7 +117,7 @@ class ListenerPool:
     """
 
     inherited: list[Inherited] = attrs.field(factory=list)
-    open_listeners: base.OpenListeners = transports.open_listeners
+    open_listeners: base.OpenListeners = attrs.field(factory=lambda: Backend().open_listeners)
     opened: dict[PoolKey, list[base.Listener]] = attrs.field(factory=dict)
     #: Release a socket to bind another spelling of its address (see _open). Off with workers:
     #: they hold copies of the socket, so closing this process's copy would not free the port.

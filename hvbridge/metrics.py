@@ -42,7 +42,8 @@ from prometheus_client.metrics_core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 
-from hvbridge import __version__, transports
+from hvbridge import __version__
+from hvbridge.backend import Backend
 from hvbridge.errors import EndpointError
 from hvbridge.logs import event
 from hvbridge.routes import RouteOptions
@@ -239,13 +240,13 @@ async def handle_request(stream: trio.abc.Stream, render: Render) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def open_metrics_listeners(address: Address) -> list[base.Listener]:
+async def open_metrics_listeners(address: Address, open_listeners: base.OpenListeners) -> list[base.Listener]:
     """Bind the metrics endpoint (a Unix socket gets mode 0600).
 
     Raises:
         EndpointError: The address cannot be bound.
     """
-    return await transports.open_listeners(address, RouteOptions())
+    return await open_listeners(address, RouteOptions())
 
 
 async def serve_metrics(
@@ -253,6 +254,7 @@ async def serve_metrics(
     render: Render,
     *,
     listeners: list[base.Listener] | None = None,
+    open_listeners: base.OpenListeners | None = None,
     task_status: trio.TaskStatus[list[base.Listener]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve `GET /metrics` on `address` (TCP or Unix) until cancelled.
@@ -262,6 +264,7 @@ async def serve_metrics(
         render: Produces the exposition text for each scrape.
         listeners: Listeners already bound to `address` (open_metrics_listeners()); this
             function then owns them.
+        open_listeners: Binds `address` when `listeners` is None (default: Backend().open_listeners).
         task_status: Receives the listeners once they are bound.
 
     Error handling: see handle_request(); accept errors are handled as by trio.serve_listeners.
@@ -273,7 +276,7 @@ async def serve_metrics(
         EndpointError: The address cannot be bound.
     """
     if listeners is None:
-        listeners = await open_metrics_listeners(address)
+        listeners = await open_metrics_listeners(address, open_listeners or Backend().open_listeners)
     limit = trio.Semaphore(MAX_SCRAPES)
 
     async def handler(stream: base.Stream) -> None:
@@ -288,18 +291,23 @@ async def serve_metrics(
 # ------------------------------------------------------------------------------------ probe
 
 
-async def probe(address: Address, routes: Iterable[str]) -> list[str]:
+async def probe(address: Address, routes: Iterable[str], connect: base.Connect | None = None) -> list[str]:
     """Scrape /metrics at `address` and say what is wrong (the container HEALTHCHECK).
 
     Healthy means: the daemon answers a scrape within PROBE_TIMEOUT (its event loop is
     alive) and every route in `routes` has at least one listening socket.
+
+    Args:
+        address: The [bridge] metrics address.
+        routes: The route names that must listen.
+        connect: Opens the stream (default: Backend().connect).
 
     Returns:
         One line per problem; empty when healthy.
     """
     try:
         with trio.fail_after(PROBE_TIMEOUT):
-            stream = await transports.connect(address, RouteOptions())
+            stream = await (connect or Backend().connect)(address, RouteOptions())
             try:
                 await stream.send_all(b"GET /metrics HTTP/1.0\r\nHost: hvbridge\r\n\r\n")
                 data = bytearray()

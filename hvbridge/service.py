@@ -34,6 +34,7 @@ import trio
 
 from hvbridge import transports
 from hvbridge.addresses import Address, TcpAddress
+from hvbridge.backend import Backend
 from hvbridge.config import listen_conflicts
 from hvbridge.engine import Engine, open_local_engine, single_leaf
 from hvbridge.errors import ConfigError, EndpointError, HvbridgeError, Problem
@@ -132,6 +133,7 @@ class Service:
         metrics: Serve [bridge] metrics (the main process does; workers do not).
         log_level: A -v/-q override of [bridge] log_level, or None.
         log_format: A --log-format override of [bridge] log_format, or None.
+        backend: Opens the metrics listeners (the engine and pool hold the same one).
     """
 
     engine: Engine
@@ -143,6 +145,7 @@ class Service:
     metrics: bool = True
     log_level: str | None = None
     log_format: Literal["text", "json"] | None = None
+    backend: Backend = attrs.field(factory=Backend)
     table: RouteTable | None = None
     exposition: Exposition | None = None
     #: The metrics server's listeners (their bound addresses), while it runs.
@@ -213,7 +216,8 @@ class Service:
         self._metrics_address = address
 
     async def _serve_metrics(self, address: Address, *, task_status: trio.TaskStatus[_MetricsServer]) -> None:
-        listeners = await open_metrics_listeners(address)  # an EndpointError reaches start() as is
+        # An EndpointError reaches start() as is.
+        listeners = await open_metrics_listeners(address, self.backend.open_listeners)
         server = _MetricsServer(trio.CancelScope(), trio.Event())
         try:
             with server.scope:
@@ -424,7 +428,8 @@ async def _handle_signals(service: Service, receiver: AsyncIterator[int]) -> Non
 async def serve(
     table: RouteTable,
     *,
-    engine: Callable[[], AbstractAsyncContextManager[Engine]] = open_local_engine,
+    backend: Backend | None = None,
+    engine: Callable[[], AbstractAsyncContextManager[Engine]] | None = None,
     pool: ListenerPool | None = None,
     load: Loader | None = None,
     watch: str | None = None,
@@ -439,7 +444,8 @@ async def serve(
 
     Args:
         table: The route table to start with.
-        engine: Makes the Engine (default: this process runs the routes).
+        backend: Opens, inspects and closes streams (default: a new Backend).
+        engine: Makes the Engine (default: this process runs the routes on `backend`).
         pool: The listening sockets (default: an empty pool that opens what routes need).
         load: Re-reads the table on SIGHUP and on --watch changes.
         watch: A file to poll for changes (--watch).
@@ -458,12 +464,15 @@ async def serve(
             error itself, not wrapped in an exception group).
     """
 
+    backend = backend if backend is not None else Backend()
+    make_engine = engine if engine is not None else functools.partial(open_local_engine, backend)
+
     async def run() -> None:
         with trio.open_signal_receiver(*_STOP_SIGNALS, *_RELOAD_SIGNALS) as receiver, trio.CancelScope() as scope:
-            async with engine() as running_engine, trio.open_nursery() as nursery:
+            async with make_engine() as running_engine, trio.open_nursery() as nursery:
                 service = Service(
                     running_engine,
-                    pool if pool is not None else ListenerPool(),
+                    pool if pool is not None else ListenerPool(open_listeners=backend.open_listeners),
                     nursery,
                     scope,
                     load=load,
@@ -471,6 +480,7 @@ async def serve(
                     metrics=metrics,
                     log_level=log_level,
                     log_format=log_format,
+                    backend=backend,
                 )
                 try:
                     await service.start(table)

@@ -32,13 +32,14 @@ from typing import TYPE_CHECKING, Final, NoReturn, final
 import attrs
 import trio
 
-from hvbridge import proxyio, proxyproto, transports
+from hvbridge import proxyio, proxyproto
+from hvbridge.backend import Backend
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.logs import LOGGER, event
 from hvbridge.proxyproto import ProxyHeader, ProxyProtocolError
 from hvbridge.relay import relay
 from hvbridge.relay.ends import EndReason, Transfer
-from hvbridge.relay.pump import abort, buffer_pool
+from hvbridge.relay.pump import buffer_pool
 from hvbridge.routes import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.stats import CONNECT_LATENCY_BUCKETS, RouteStatistics
 from hvbridge.transports import base, hvsock
@@ -133,10 +134,10 @@ def _unmapped(rule: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.
     return rule
 
 
-async def peer_allowed(rules: Sequence[AllowRule], peer: tuple[int, object] | None) -> bool:
+async def peer_allowed(rules: Sequence[AllowRule], peer: tuple[int, object] | None, backend: Backend) -> bool:
     """is_allowed(), except that Hyper-V peers go through hvsock, which resolves VM names."""
     if peer is not None and peer[0] == getattr(socket, "AF_HYPERV", None):  # pragma: no cover - Windows only
-        return await hvsock.peer_vm_allowed([r.vm for r in rules if isinstance(r, VmRule)], peer[1])
+        return await hvsock.peer_vm_allowed(backend.hvsock, [r.vm for r in rules if isinstance(r, VmRule)], peer[1])
     return is_allowed(rules, peer)
 
 
@@ -154,13 +155,17 @@ class Supervisor:
 
     Args:
         connections: The nursery connection tasks run in; it outlives every route.
-        open_listeners: Opens a route's listeners (default transports.open_listeners).
-        connect: Opens a route's backend stream (default transports.connect).
+        backend: Opens, inspects and closes streams; holds the process's socket state.
+        open_listeners: Opens a route's listeners (default backend.open_listeners).
+        connect: Opens a route's backend stream (default backend.connect).
     """
 
     connections: trio.Nursery
-    open_listeners: base.OpenListeners = transports.open_listeners
-    connect: base.Connect = transports.connect
+    backend: Backend = attrs.field(factory=Backend)
+    open_listeners: base.OpenListeners = attrs.field(
+        default=attrs.Factory(lambda self: self.backend.open_listeners, takes_self=True)
+    )
+    connect: base.Connect = attrs.field(default=attrs.Factory(lambda self: self.backend.connect, takes_self=True))
     counters: dict[str, RouteCounters] = attrs.field(factory=dict)
     listeners: dict[str, list[base.Listener]] = attrs.field(factory=dict)
     # Connection tasks started and not yet finished (counted from accept, before the task
@@ -274,7 +279,7 @@ class Supervisor:
 
     async def _handle(self, route: Route, stream: base.Stream, slots: trio.Semaphore, counters: RouteCounters) -> None:
         start = trio.current_time()
-        peer_info = base.peer_address(stream)
+        peer_info = self.backend.peer_address(stream)
         transfer = Transfer()
         counters.live.add(transfer)
         via = incoming = None
@@ -287,33 +292,33 @@ class Supervisor:
                     except ProxyProtocolError as exc:
                         counters.refused += 1
                         transfer.end, transfer.detail = EndReason.REFUSED, f"bad PROXY header: {exc}"
-                        await abort(stream)
+                        await self.backend.abort(stream)
                         return
                     if incoming.peer() is not None:  # LOCAL and UNKNOWN keep the real peer
                         via, peer_info = peer_info, incoming.peer()
-                if route.options.allow and not await peer_allowed(route.options.allow, peer_info):
+                if route.options.allow and not await peer_allowed(route.options.allow, peer_info, self.backend):
                     counters.refused += 1
                     transfer.end = EndReason.REFUSED_BY_ALLOW_LIST
-                    await abort(stream)
+                    await self.backend.abort(stream)
                     return
                 try:
                     backend = await self.open_backend(route)
                 except EndpointError as exc:
                     counters.failed += 1
                     transfer.end, transfer.detail = EndReason.CONNECT_FAILED, exc.message
-                    await abort(stream)
+                    await self.backend.abort(stream)
                     return
                 if route.options.proxy_protocol != "none" or surplus:
                     try:
                         await self._send_first(route, stream, backend, peer_info, incoming, surplus)
                     except BaseException as exc:
-                        await abort(backend)  # cancelled: the outer handler closes the client
+                        await self.backend.abort(backend)  # cancelled: the outer handler closes the client
                         if not isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
                             raise
                         counters.failed += 1
                         transfer.end = EndReason.CONNECT_FAILED
                         transfer.detail = f"cannot send the first bytes to the backend ({exc})"
-                        await abort(stream)
+                        await self.backend.abort(stream)
                         return
             except BaseException:
                 # Cancelled while connecting: the stream is still open (relay() and abort()
@@ -328,6 +333,7 @@ class Supervisor:
                 idle_timeout=route.options.idle_timeout,
                 pool=buffer_pool(route.options.buffer_size),
                 transfer=transfer,
+                splice=self.backend.splice,
             )
         finally:
             slots.release()
@@ -401,7 +407,7 @@ async def connect_with_retries(
     Args:
         target: The endpoint to connect to.
         options: Its connect_timeout and connect_retries (and what `connect` reads).
-        connect: Opens one stream (transports.connect, or a fake in tests).
+        connect: Opens one stream (Backend.connect, or a fake in tests).
         name: The route's name, for the retry log lines.
 
     Raises:
@@ -442,8 +448,9 @@ def _is_loopback_text(bound: str) -> bool:
 async def serve_routes(
     table: RouteTable,
     *,
-    open_listeners: base.OpenListeners = transports.open_listeners,
-    connect: base.Connect = transports.connect,
+    backend: Backend | None = None,
+    open_listeners: base.OpenListeners | None = None,
+    connect: base.Connect | None = None,
     task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve every route of `table` until cancelled.
@@ -458,7 +465,13 @@ async def serve_routes(
         EndpointError: A listen endpoint cannot be opened.
     """
     async with trio.open_nursery() as connections:
-        supervisor = Supervisor(connections, open_listeners, connect)
+        backend = backend if backend is not None else Backend()
+        supervisor = Supervisor(
+            connections,
+            backend,
+            open_listeners if open_listeners is not None else backend.open_listeners,
+            connect if connect is not None else backend.connect,
+        )
         async with trio.open_nursery() as routes:
             for route in table.routes:
                 supervisor.listeners[route.name] = await routes.start(supervisor.serve_route, route)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Final, Literal, final
 import attrs
 import trio
 
+from hvbridge.backend import Backend
 from hvbridge.errors import HvbridgeError
 from hvbridge.listeners import Inherited, ListenerPool, Listeners, listener_from_fd
 from hvbridge.logs import LOGGER, event, setup_logging
@@ -409,9 +410,7 @@ async def _work(channel: Channel) -> None:
         for fd in route_fds
     ]
     async with trio.open_nursery() as nursery:
-        service: Service = await nursery.start(
-            _serve_table, table, ListenerPool(inherited), level, fmt, nursery.cancel_scope
-        )
+        service: Service = await nursery.start(_serve_table, table, inherited, level, fmt, nursery.cancel_scope)
         await channel.send(("ready",))
         nursery.start_soon(_obey, channel, service, table)
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -420,14 +419,18 @@ async def _work(channel: Channel) -> None:
 
 async def _serve_table(
     table: RouteTable,
-    pool: ListenerPool,
+    inherited: list[Inherited],
     level: str,
     fmt: Literal["text", "json"],
     done: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[Service],
 ) -> None:
-    await serve(table, pool=pool, metrics=False, log_level=level, log_format=fmt, task_status=task_status)
+    backend = Backend()
+    pool = ListenerPool(inherited, open_listeners=backend.open_listeners)
+    await serve(
+        table, backend=backend, pool=pool, metrics=False, log_level=level, log_format=fmt, task_status=task_status
+    )
     done.cancel()
 
 

@@ -372,7 +372,7 @@ def _fake_stdio_and_backend(
     stdio, terminal = trio.testing.memory_stream_pair()
     monkeypatch.setattr("hvbridge.transports.stdio.open_stdio_stream", lambda: stdio)
 
-    async def connect(address: object, options: object) -> trio.abc.HalfCloseableStream:
+    async def connect(address: object, options: object, hv: object) -> trio.abc.HalfCloseableStream:
         return backend
 
     monkeypatch.setattr("hvbridge.transports.connect", connect)
@@ -406,7 +406,7 @@ async def test_connect_ends_cleanly_when_both_ways_end(monkeypatch: pytest.Monke
 
 
 async def test_connect_timeout_names_the_option(monkeypatch: pytest.MonkeyPatch, autojump_clock: object) -> None:
-    async def never(address: object, options: object) -> trio.abc.HalfCloseableStream:
+    async def never(address: object, options: object, hv: object) -> trio.abc.HalfCloseableStream:
         await trio.sleep_forever()
 
     monkeypatch.setattr("hvbridge.transports.connect", never)

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from hvbridge import __version__, metrics, transports
+from hvbridge import __version__, metrics
 from hvbridge.addresses import TcpAddress, UnixAddress, parse_address
 from hvbridge.metrics import Exposition, handle_request, probe, serve_metrics
 from hvbridge.relay.ends import EndReason, Transfer
@@ -262,7 +262,6 @@ async def test_probe_a_server_that_never_answers(
     async def connect(address: object, options: object) -> trio.abc.HalfCloseableStream:
         return client
 
-    monkeypatch.setattr(transports, "connect", connect)
     address = TcpAddress("127.0.0.1", 9)
     with trio.fail_after(metrics.PROBE_TIMEOUT + 1):
-        assert await probe(address, []) == [f"{address}: no answer within 5s"]
+        assert await probe(address, [], connect) == [f"{address}: no answer within 5s"]

@@ -23,6 +23,7 @@ import trio
 
 from hvbridge import service, transports
 from hvbridge.addresses import HyperVAddress, TcpAddress, UnixAddress, VsockAddress, parse_address
+from hvbridge.backend import Backend
 from hvbridge.engine import LocalEngine
 from hvbridge.errors import ConfigError, EndpointError, Problem
 from hvbridge.listeners import Inherited, ListenerPool, inherit, listener_from_fd, pool_key
@@ -665,7 +666,7 @@ async def test_a_failing_route_stops_alone(nursery: trio.Nursery, caplog: pytest
         async def open_listeners(address: Address, options: RouteOptions) -> list[base.Listener]:
             if address == parse_address("unix:@hvbridge-test-broken"):
                 return [BrokenListener()]
-            return await transports.open_listeners(address, options)
+            return await Backend().open_listeners(address, options)
 
         pool = ListenerPool(open_listeners=open_listeners)
         broken = route("broken", backend, listen="unix:@hvbridge-test-broken")

@@ -25,8 +25,8 @@ import trio
 import trio.testing
 from trio.testing import MemoryReceiveStream, MemorySendStream
 
-from hvbridge import transports
 from hvbridge.addresses import Address, TcpAddress, UnixAddress
+from hvbridge.backend import Backend
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.logs import LOGGER
 from hvbridge.relay.ends import EndReason
@@ -789,7 +789,7 @@ async def test_end_to_end_tcp_to_unix(tmp_path: Path, caplog: pytest.LogCaptureF
     route = Route("e2e", TcpAddress("127.0.0.1", 0), backend_address)
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            echo_listeners = await transports.open_listeners(backend_address, RouteOptions())
+            echo_listeners = await Backend().open_listeners(backend_address, RouteOptions())
             await nursery.start(trio.serve_listeners, _echo, echo_listeners)
             supervisor: Supervisor = await nursery.start(serve_routes, RouteTable((route,)))
             (listener,) = supervisor.listeners["e2e"]

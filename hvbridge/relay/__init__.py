@@ -26,6 +26,7 @@ def relay(
     idle_timeout: float = 0.0,
     pool: BufferPool | None = None,
     transfer: Transfer | None = None,
+    splice: bool = True,
 ) -> Coroutine[object, object, Transfer]:
     """Relay bytes between `client` and `backend` until both directions are done; close both.
 
@@ -40,6 +41,8 @@ def relay(
         idle_timeout: Seconds with no byte moving either way before closing both; 0 = never.
         pool: Where socket directions take their buffers (default: the process-wide pool).
         transfer: A Transfer to update live (so a caller can watch the byte counts).
+        splice: Let two TCP/Unix sockets take the splice path where the platform has it
+            (Backend.splice); False keeps the recv_into path.
 
     Returns:
         The Transfer: bytes each way and why the relay ended.
@@ -54,5 +57,6 @@ def relay(
         idle_timeout,
         pool if pool is not None else buffer_pool(),
         transfer if transfer is not None else Transfer(),
+        splice,
     )
     return state.run()

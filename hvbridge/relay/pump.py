@@ -139,6 +139,7 @@ class Relay:
     idle_timeout: float
     pool: BufferPool
     transfer: Transfer
+    splice: bool
     last_activity: float = 0.0
     directions_open: int = 2
     _scope: trio.CancelScope = attrs.field(init=False)  # the nursery's; set by run()
@@ -147,7 +148,7 @@ class Relay:
         self.last_activity = trio.current_time()
         failed: _SideFailed | None = None
         try:
-            if splice.spliceable(self.client, self.backend):  # rule 6
+            if self.splice and splice.spliceable(self.client, self.backend):  # rule 6
                 conn = splice.Connection(
                     self.client,
                     self.backend,

@@ -27,11 +27,12 @@ if TYPE_CHECKING:
     from hvbridge.transports.base import Listener, Stream
 
 
-async def open_listeners(address: Address, options: RouteOptions) -> list[Listener]:
+async def open_listeners(address: Address, options: RouteOptions, hv: hvsock.HyperVSockets) -> list[Listener]:
     """Bind and listen on `address`; return one listener per bound socket.
 
     A TCP host name may bind several sockets (IPv4 and IPv6). Port 0 binds an ephemeral port;
-    listener_address() tells which.
+    base.listener_address() tells which. `hv` is the process's Hyper-V socket state
+    (backend.Backend holds it).
 
     Raises:
         EndpointError: The address cannot be bound (in use, permission, unsafe file...).
@@ -47,14 +48,14 @@ async def open_listeners(address: Address, options: RouteOptions) -> list[Listen
         case VsockMuxAddress():
             return [await vsock_mux.open_mux_listener(address, options)]
         case HyperVAddress():
-            return [await hvsock.open_hvsock_listener(address, options)]
+            return [await hvsock.open_hvsock_listener(address, options, hv)]
         case StdioAddress():
             raise EndpointError(str(address), "listen", "stdio cannot listen")
         case _:
             assert_never(address)
 
 
-async def connect(address: Address, options: RouteOptions) -> Stream:
+async def connect(address: Address, options: RouteOptions, hv: hvsock.HyperVSockets) -> Stream:
     """Open a stream to `address`. The caller bounds the wait (connect_timeout).
 
     Raises:
@@ -72,7 +73,7 @@ async def connect(address: Address, options: RouteOptions) -> Stream:
         case VsockMuxAddress():
             return await vsock_mux.connect_mux(address, options)
         case HyperVAddress():
-            return await hvsock.connect_hvsock(address, options)
+            return await hvsock.connect_hvsock(address, options, hv)
         case StdioAddress():
             return stdio.open_stdio_stream()
         case _:

@@ -144,8 +144,8 @@ def unavailable_reason() -> str | None:
     return f"Hyper-V sockets (AF_HYPERV) need Windows and Python >= 3.12; this is {system} with Python {version}"
 
 
-def _require_api(address: HyperVAddress) -> HvSocketApi:
-    api = platform_api()
+def _require_api(hv: HyperVSockets, address: HyperVAddress) -> HvSocketApi:
+    api = hv.api
     if api is None:
         raise family_unavailable(address, unavailable_reason() or "AF_HYPERV is not available")
     return api
@@ -154,32 +154,13 @@ def _require_api(address: HyperVAddress) -> HvSocketApi:
 # ------------------------------------------------------------------------- VM names
 
 
-_resolver: hyperv.VmResolver | None = None
-
-
-def vm_resolver() -> hyperv.VmResolver:
-    """The process-wide VM-name resolver (PowerShell/WSL tools unless set_vm_lookup() was called)."""
-    global _resolver
-    if _resolver is None:
-        _resolver = hyperv.VmResolver(hyperv.SubprocessVmLookup())
-    return _resolver
-
-
-def set_vm_lookup(lookup: hyperv.VmLookup | None) -> None:
-    """Use `lookup` for VM names from now on (None: back to the real tools); clears the cache."""
-    global _resolver
-    _resolver = None if lookup is None else hyperv.VmResolver(lookup)
-
-
-async def resolve_vm_id(
-    vm: uuid.UUID | str, *, refresh: bool = False, resolver: hyperv.VmResolver | None = None
-) -> uuid.UUID:
+async def resolve_vm_id(vm: uuid.UUID | str, resolver: hyperv.VmResolver, *, refresh: bool = False) -> uuid.UUID:
     """The VmId of `vm` (a GUID passes through), resolved in a worker thread.
 
     Args:
         vm: A VmId or a VM name.
+        resolver: Where names are resolved (HyperVSockets.resolver).
         refresh: Ask again instead of using the cache (see hyperv.VmResolver.resolve).
-        resolver: Where names are resolved; None for the process-wide vm_resolver().
 
     Raises:
         hyperv.VmLookupError: The name cannot be resolved.
@@ -187,23 +168,24 @@ async def resolve_vm_id(
     if isinstance(vm, uuid.UUID):
         await trio.lowlevel.checkpoint()
         return vm
-    resolve = functools.partial((resolver or vm_resolver()).resolve, vm, refresh=refresh)
+    resolve = functools.partial(resolver.resolve, vm, refresh=refresh)
     return await trio.to_thread.run_sync(resolve, abandon_on_cancel=True)
 
 
 async def _resolve_for(
-    address: HyperVAddress, op: str, *, refresh: bool = False, resolver: hyperv.VmResolver | None = None
+    address: HyperVAddress, op: str, resolver: hyperv.VmResolver, *, refresh: bool = False
 ) -> uuid.UUID:
     try:
-        return await resolve_vm_id(address.vm, refresh=refresh, resolver=resolver)
+        return await resolve_vm_id(address.vm, resolver, refresh=refresh)
     except hyperv.VmLookupError as exc:
         raise EndpointError(str(address), op, str(exc)) from exc
 
 
-async def peer_vm_allowed(rules: Sequence[uuid.UUID | str], sockaddr: object) -> bool:
+async def peer_vm_allowed(hv: HyperVSockets, rules: Sequence[uuid.UUID | str], sockaddr: object) -> bool:
     """Whether an accepted hvsock peer passes `allow = ["vm:..."]` rules (docs/reference.md, "Who may connect").
 
     Args:
+        hv: Where VM names are resolved.
         rules: The VmRule values: VmIds (HV_GUID_ZERO admits all) or VM names.
         sockaddr: The peer address, as getpeername() returns it: `(vm_id, service_id)`.
 
@@ -216,7 +198,7 @@ async def peer_vm_allowed(rules: Sequence[uuid.UUID | str], sockaddr: object) ->
         return False
     for rule in rules:
         try:
-            vm_id = await resolve_vm_id(rule)
+            vm_id = await resolve_vm_id(rule, hv.resolver)
         except hyperv.VmLookupError as exc:
             logger.warning("allow rule vm:%s cannot be resolved: %s", rule, exc)
             continue
@@ -234,10 +216,6 @@ class IoProbe:
 
     model: IoModel
     reason: str
-
-
-_io_probe: IoProbe | None = None
-_probe_lock: trio.lowlevel.RunVar[trio.Lock] = trio.lowlevel.RunVar("hvbridge_hvsock_probe_lock")
 
 
 async def probe_readiness(
@@ -324,24 +302,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-async def hyperv_io_model(api: HvSocketApi) -> IoProbe:
-    """The I/O model for hvsock sockets: probed once per process, or forced by HVBRIDGE_HVSOCK_IO."""
-    global _io_probe
-    try:
-        lock = _probe_lock.get()
-    except LookupError:
-        lock = trio.Lock()
-        _probe_lock.set(lock)
-    async with lock:
-        if _io_probe is None:
-            _io_probe = await _choose_io_model(api)
-        chosen = _io_probe
-    return chosen
-
-
-async def _choose_io_model(api: HvSocketApi) -> IoProbe:
+async def _choose_io_model(api: HvSocketApi, io_model: IoModel | None) -> IoProbe:
     forced = os.environ.get(IO_MODEL_ENV, "").strip().lower()
-    if forced in ("readiness", "threads"):
+    if io_model is not None:
+        probe = IoProbe(io_model, "set by the caller")
+    elif forced in ("readiness", "threads"):
         probe = IoProbe("readiness" if forced == "readiness" else "threads", f"set by {IO_MODEL_ENV}")
     else:
         if forced:
@@ -360,31 +325,60 @@ def threads_for(max_connections: int) -> int:
 
 
 # One limiter per route for connected streams, keyed by the identity of the route's
-# RouteOptions (each route has its own object), per trio run.
+# RouteOptions (each route has its own object).
 _LimiterTable: TypeAlias = dict[int, tuple["weakref.ref[RouteOptions]", trio.CapacityLimiter]]
-_connect_limiters: trio.lowlevel.RunVar[_LimiterTable] = trio.lowlevel.RunVar("hvbridge_hvsock_limiters")
 
 
-def route_limiter(options: RouteOptions) -> trio.CapacityLimiter:
-    """The thread limiter for connections a route opens (threads_for(max_connections) tokens)."""
-    try:
-        table = _connect_limiters.get()
-    except LookupError:
-        table = {}
-        _connect_limiters.set(table)
-    # An entry lives exactly as long as its RouteOptions: the weakref callback runs while the
-    # object is freed, before its id can be reused.
-    key = id(options)
-    entry = table.get(key)
-    if entry is not None:
-        return entry[1]
+def _default_resolver() -> hyperv.VmResolver:
+    return hyperv.VmResolver(hyperv.SubprocessVmLookup())
 
-    def forget(_ref: weakref.ref[RouteOptions]) -> None:
-        table.pop(key, None)
 
-    limiter = trio.CapacityLimiter(threads_for(options.max_connections))
-    table[key] = (weakref.ref(options, forget), limiter)
-    return limiter
+@final
+@attrs.define(eq=False)
+class HyperVSockets:
+    """What hvsock endpoints keep between calls; one per process, held by backend.Backend.
+
+    Args:
+        resolver: Where VM names are resolved (default: the PowerShell/WSL tools).
+        io_model: Force the I/O model; None: HVBRIDGE_HVSOCK_IO, else probe once (rule 4).
+        api: The AF_HYPERV API (default: this interpreter's, None where it has none).
+    """
+
+    resolver: hyperv.VmResolver = attrs.field(factory=_default_resolver)
+    io_model: IoModel | None = None
+    api: HvSocketApi | None = attrs.field(factory=platform_api)
+    _probe: IoProbe | None = attrs.field(default=None, init=False)
+    _probe_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+    _limiters: _LimiterTable = attrs.field(factory=dict, init=False)
+
+    async def io(self, api: HvSocketApi) -> IoProbe:
+        """The I/O model for hvsock sockets: chosen once (forced, or probed), then kept."""
+        async with self._probe_lock:
+            if self._probe is None:
+                self._probe = await _choose_io_model(api, self.io_model)
+            chosen = self._probe
+        return chosen
+
+    def route_limiter(self, options: RouteOptions) -> trio.CapacityLimiter:
+        """The thread limiter for connections a route opens (threads_for(max_connections) tokens)."""
+        table = self._limiters
+        # An entry lives exactly as long as its RouteOptions: the weakref callback runs while the
+        # object is freed, before its id can be reused.
+        key = id(options)
+        entry = table.get(key)
+        if entry is not None:
+            return entry[1]
+
+        def forget(_ref: weakref.ref[RouteOptions]) -> None:
+            table.pop(key, None)
+
+        limiter = trio.CapacityLimiter(threads_for(options.max_connections))
+        table[key] = (weakref.ref(options, forget), limiter)
+        return limiter
+
+    def limiters(self) -> int:
+        """How many routes have a connect limiter (entries leave with their RouteOptions)."""
+        return len(self._limiters)
 
 
 # ------------------------------------------------------------------------- listen / connect
@@ -424,7 +418,7 @@ class HvSocketListener(trio.abc.Listener[Stream]):
         vm_id: uuid.UUID,
         model: IoModel,
         options: RouteOptions,
-        resolver: hyperv.VmResolver | None = None,
+        resolver: hyperv.VmResolver,
         recheck_interval: float = VM_RECHECK_INTERVAL,
     ) -> None:
         self.inner = inner
@@ -480,7 +474,7 @@ class HvSocketListener(trio.abc.Listener[Stream]):
             return False
         async with self._refresh_lock:
             try:
-                fresh = await resolve_vm_id(self.address.vm, refresh=True, resolver=self._resolver)
+                fresh = await resolve_vm_id(self.address.vm, self._resolver, refresh=True)
             except hyperv.VmLookupError as exc:
                 logger.info(
                     "listen %s: cannot look VM %r up again, keeping %s: %s",
@@ -573,8 +567,8 @@ def _bind(
 async def open_hvsock_listener(
     address: HyperVAddress,
     options: RouteOptions,
+    hv: HyperVSockets,
     *,
-    resolver: hyperv.VmResolver | None = None,
     recheck_interval: float = VM_RECHECK_INTERVAL,
 ) -> HvSocketListener:
     """Bind and listen on `address` (a VM name is resolved to its VmId first).
@@ -582,16 +576,16 @@ async def open_hvsock_listener(
     Args:
         address: Where to listen.
         options: The route's options (connected_suspend, max_connections).
-        resolver: Where VM names are resolved; None for the process-wide vm_resolver().
+        hv: The process's Hyper-V socket state (VM names, I/O model).
         recheck_interval: Seconds between look-ups of a VM name while idle (HvSocketListener).
 
     Raises:
         AddressFamilyUnavailable: Not Windows, or Python < 3.12.
         EndpointError: The VM name cannot be resolved, or bind/listen failed.
     """
-    api = _require_api(address)
-    probe = await hyperv_io_model(api)
-    vm_id = await _resolve_for(address, "listen", resolver=resolver)
+    api = _require_api(hv, address)
+    probe = await hv.io(api)
+    vm_id = await _resolve_for(address, "listen", hv.resolver)
     return HvSocketListener(
         _bind(api, address, vm_id, probe.model, options),
         api=api,
@@ -599,12 +593,12 @@ async def open_hvsock_listener(
         vm_id=vm_id,
         model=probe.model,
         options=options,
-        resolver=resolver,
+        resolver=hv.resolver,
         recheck_interval=recheck_interval,
     )
 
 
-async def connect_hvsock(address: HyperVAddress, options: RouteOptions) -> Stream:
+async def connect_hvsock(address: HyperVAddress, options: RouteOptions, hv: HyperVSockets) -> Stream:
     """Open a stream to `address`. The caller bounds the wait (connect_timeout).
 
     A VM name is resolved (cached); if the connect then fails, the name is resolved again
@@ -616,24 +610,24 @@ async def connect_hvsock(address: HyperVAddress, options: RouteOptions) -> Strea
         BackendUnavailable: Refused, timed out, VM not running: worth a retry.
         EndpointError: The VM name cannot be resolved, or another failure.
     """
-    api = _require_api(address)
-    probe = await hyperv_io_model(api)
-    vm_id = await _resolve_for(address, "connect")
+    api = _require_api(hv, address)
+    probe = await hv.io(api)
+    vm_id = await _resolve_for(address, "connect", hv.resolver)
     try:
-        return await _connect(api, probe.model, vm_id, address, options)
+        return await _connect(api, probe.model, vm_id, address, options, hv)
     except EndpointError:
         # Whatever Windows says for a VmId that no longer exists, look the name up again.
         if not isinstance(address.vm, str):
             raise
-        fresh = await _resolve_for(address, "connect", refresh=True)
+        fresh = await _resolve_for(address, "connect", hv.resolver, refresh=True)
         if fresh == vm_id:
             raise
         logger.info("VM %r changed VmId from %s to %s; connecting again", address.vm, vm_id, fresh)
-        return await _connect(api, probe.model, fresh, address, options)
+        return await _connect(api, probe.model, fresh, address, options, hv)
 
 
 async def _connect(
-    api: HvSocketApi, model: IoModel, vm_id: uuid.UUID, address: HyperVAddress, options: RouteOptions
+    api: HvSocketApi, model: IoModel, vm_id: uuid.UUID, address: HyperVAddress, options: RouteOptions, hv: HyperVSockets
 ) -> Stream:
     sock = _new_socket(api, address, "connect")
     try:
@@ -662,7 +656,7 @@ async def _connect(
             if not connected:
                 trio_sock.close()
         return trio.SocketStream(trio_sock)
-    stream = ThreadSocketStream(sock, route_limiter(options))
+    stream = ThreadSocketStream(sock, hv.route_limiter(options))
     try:
         await stream.connect(target)
         connected = True
