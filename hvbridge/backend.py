@@ -1,7 +1,7 @@
 """The Backend: the socket layer's and the relay's process state, in one object passed in.
 
 What used to hide in module globals (the VM-name resolver, the Hyper-V I/O model and its probe
-lock, the per-route thread limiters, the splice switch) lives here, made once by the
+lock, the per-route thread limiters, the relay's buffer pools, the splice switch) lives here, made once by the
 composition root (cli.run_daemon) and handed to the supervisor, the listener pool and the
 metrics server. Tests pass their own, e.g.
 `Backend(vm_lookup=FakeLookup(), hvsock_io="threads", splice=False)`, instead of patching.
@@ -54,6 +54,14 @@ class Backend:
     hvsock_io: IoModel | None = None
     splice: bool = attrs.field(factory=_splice_default)
     hvsock: HyperVSockets = attrs.field(default=attrs.Factory(_hyperv_sockets, takes_self=True))
+    _pools: dict[int, pump.BufferPool] = attrs.field(factory=dict, init=False)
+
+    def buffer_pool(self, size: int = pump.DEFAULT_BUFFER_SIZE) -> pump.BufferPool:
+        """The relay's buffer pool for buffers of `size` bytes (one per size, shared by routes)."""
+        pool = self._pools.get(size)
+        if pool is None:
+            pool = self._pools[size] = pump.BufferPool(size)
+        return pool
 
     async def open_listeners(self, address: Address, options: RouteOptions) -> list[base.Listener]:
         """Bind and listen on `address` (transports.open_listeners)."""

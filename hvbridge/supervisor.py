@@ -39,7 +39,6 @@ from hvbridge.logs import LOGGER, event
 from hvbridge.proxyproto import ProxyHeader, ProxyProtocolError
 from hvbridge.relay import relay
 from hvbridge.relay.ends import EndReason, Transfer
-from hvbridge.relay.pump import buffer_pool
 from hvbridge.routes import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.stats import CONNECT_LATENCY_BUCKETS, RouteStatistics
 from hvbridge.transports import base, hvsock
@@ -331,7 +330,7 @@ class Supervisor:
                 backend,
                 half_close=route.options.half_close,
                 idle_timeout=route.options.idle_timeout,
-                pool=buffer_pool(route.options.buffer_size),
+                pool=self.backend.buffer_pool(route.options.buffer_size),
                 transfer=transfer,
                 splice=self.backend.splice,
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hvbridge.relay.ends import Transfer
-from hvbridge.relay.pump import BufferPool, Relay, buffer_pool
+from hvbridge.relay.pump import BufferPool, Relay
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -39,7 +39,7 @@ def relay(
         backend: The connection opened to the route's target.
         half_close: Pass EOF on as a write shutdown (True), or end both ways on the first EOF.
         idle_timeout: Seconds with no byte moving either way before closing both; 0 = never.
-        pool: Where socket directions take their buffers (default: the process-wide pool).
+        pool: Where socket directions take their buffers (Backend.buffer_pool; default: a new pool).
         transfer: A Transfer to update live (so a caller can watch the byte counts).
         splice: Let two TCP/Unix sockets take the splice path where the platform has it
             (Backend.splice); False keeps the recv_into path.
@@ -55,7 +55,7 @@ def relay(
         backend,
         half_close,
         idle_timeout,
-        pool if pool is not None else buffer_pool(),
+        pool if pool is not None else BufferPool(),
         transfer if transfer is not None else Transfer(),
         splice,
     )

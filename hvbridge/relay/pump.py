@@ -75,17 +75,6 @@ class BufferPool:
         return len(self._free)
 
 
-_default_pools: dict[int, BufferPool] = {}
-
-
-def buffer_pool(size: int = DEFAULT_BUFFER_SIZE) -> BufferPool:
-    """The process-wide pool for buffers of `size` bytes (one per size)."""
-    pool = _default_pools.get(size)
-    if pool is None:
-        pool = _default_pools[size] = BufferPool(size)
-    return pool
-
-
 class _SideFailed(Exception):
     """A read from or write to one side failed; carries which side and why."""
 
