@@ -13,6 +13,7 @@ trio.fail_after(LIMIT), and waits for threads poll every millisecond at most.
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import hashlib
 import logging
@@ -41,7 +42,7 @@ from hvbridge.transports.hvsock import HyperVSockets
 from hvbridge.transports.threadstream import ThreadSocketListener, ThreadSocketStream
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Awaitable, Callable, Iterator
     from pathlib import Path
 
     from hvbridge.relay.ends import Transfer
@@ -98,6 +99,14 @@ async def wait_idle(limiter: trio.CapacityLimiter) -> None:
     """Wait until every worker thread has given its token back (threads finish on their own)."""
     while limiter.borrowed_tokens:  # noqa: ASYNC110 - a limiter has no "all released" event
         await trio.sleep(0.001)
+
+
+async def cancel_once_blocked(call: Callable[[], Awaitable[object]]) -> None:
+    """Start `call`, cancel it once every task waits (its thread started, or a token awaited)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
 
 
 async def accept_into(
@@ -367,9 +376,8 @@ async def test_cancelled_send_does_not_hang_and_breaks_send_side(limiter: trio.C
     pumped = ThreadSocketStream(a, limiter)
     try:
         with trio.fail_after(LIMIT):
-            with trio.move_on_after(0.05) as scope:
-                await pumped.send_all(b"x" * (8 * MiB))  # nobody reads b: blocks in sendall
-            assert scope.cancelled_caught
+            # Nobody reads b: blocks in sendall, then cancelled.
+            await cancel_once_blocked(functools.partial(pumped.send_all, b"x" * (8 * MiB)))
             with pytest.raises(trio.BrokenResourceError, match="cancelled send_all"):
                 await pumped.send_all(b"more")
             with pytest.raises(trio.BrokenResourceError, match="cancelled send_all"):
@@ -411,8 +419,7 @@ async def test_cancel_before_a_thread_starts_breaks_nothing(limiter: trio.Capaci
         small = trio.CapacityLimiter(1)
         blocked = ThreadSocketStream(socket.socket(socket.AF_UNIX), small)
         async with small:
-            with trio.move_on_after(0.01):
-                await blocked.send_eof()  # cancelled while waiting for a token: nothing started
+            await cancel_once_blocked(blocked.send_eof)  # cancelled while waiting for a token: nothing started
         await blocked.aclose()
         await pumped.send_eof()
         await pumped.send_all(b"")
@@ -509,8 +516,7 @@ async def test_thread_listener_accepts_and_closes(limiter: trio.CapacityLimiter)
     port = listener.socket.getsockname()[1]
     with trio.fail_after(LIMIT):
         # A cancelled accept leaves its thread running; the next accept() takes its connection.
-        with trio.move_on_after(0.01):
-            await listener.accept()
+        await cancel_once_blocked(listener.accept)
         client = await trio.open_tcp_stream("127.0.0.1", port)
         accepted = await listener.accept()
         assert isinstance(accepted, ThreadSocketStream)
@@ -541,8 +547,7 @@ async def test_thread_listener_discards_late_connection(limiter: trio.CapacityLi
     server = socket.create_server(("127.0.0.1", 0))
     listener = ThreadSocketListener(server, limiter)
     with trio.fail_after(LIMIT):
-        with trio.move_on_after(0.01):
-            await listener.accept()  # leaves an accept() running in its thread
+        await cancel_once_blocked(listener.accept)  # leaves an accept() running in its thread
         listener._pump.closed = True  # closed, but the thread has not been woken yet
         client = socket.create_connection(server.getsockname())
         await wait_idle(limiter)  # the thread accepts, sees the listener closed, closes both
