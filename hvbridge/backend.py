@@ -77,4 +77,4 @@ class Backend:
 
     async def abort(self, stream: trio.abc.AsyncResource) -> None:
         """Close `stream` so that its peer sees a reset (RST) rather than a clean EOF."""
-        await pump.abort(stream)
+        await base.abort(stream)

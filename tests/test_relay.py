@@ -25,7 +25,8 @@ from trio.testing import MemoryReceiveStream, MemorySendStream, memory_stream_pu
 from hvbridge.backend import Backend
 from hvbridge.relay import relay, splice
 from hvbridge.relay.ends import EndReason, Side, Transfer, eof_end, failure_end
-from hvbridge.relay.pump import DEFAULT_BUFFER_SIZE, BufferPool, abort
+from hvbridge.relay.pump import DEFAULT_BUFFER_SIZE, BufferPool
+from hvbridge.transports.base import abort
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -30,9 +30,6 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import struct
 from typing import Final, final
 
 import attrs
@@ -40,10 +37,10 @@ import trio
 
 from hvbridge.relay import splice
 from hvbridge.relay.ends import EndReason, Side, Transfer, eof_end, failure_end
+from hvbridge.transports.base import abort
 
 #: Default relay buffer: large enough for bulk throughput, a few of them per busy connection.
 DEFAULT_BUFFER_SIZE: Final = 64 * 1024
-_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
 @final
@@ -86,16 +83,6 @@ class _SideFailed(Exception):
 
 def _raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     return stream.socket if isinstance(stream, trio.SocketStream) else None
-
-
-async def abort(stream: trio.abc.AsyncResource) -> None:
-    """Close `stream` so that its peer sees a reset (RST) rather than a clean EOF."""
-    # Any stream with a socket: trio.SocketStream, and the thread-pumped Hyper-V stream.
-    sock = getattr(stream, "socket", None)
-    if sock is not None:
-        with contextlib.suppress(OSError, TypeError):  # closed; no SO_LINGER; AF_VSOCK takes only ints
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    await trio.aclose_forcefully(stream)
 
 
 async def _close(client: trio.abc.AsyncResource, backend: trio.abc.AsyncResource) -> None:

@@ -8,9 +8,11 @@ the socket under a stream or listener for the supervisor (peer_address, listener
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeAlias
 
@@ -24,6 +26,8 @@ Stream: TypeAlias = trio.abc.HalfCloseableStream
 Listener: TypeAlias = trio.abc.Listener[Stream]
 OpenListeners: TypeAlias = Callable[[Address, RouteOptions], Awaitable[list[Listener]]]
 Connect: TypeAlias = Callable[[Address, RouteOptions], Awaitable[Stream]]
+
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 #: connect() errors that mean "the backend is not there (yet)": logged as such, retried.
 UNAVAILABLE_ERRNOS: Final = frozenset(
@@ -89,6 +93,16 @@ def listen_hint(exc: OSError) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return "address not available on this machine; use an address of a local interface"
     return exc.strerror or str(exc)
+
+
+async def abort(stream: trio.abc.AsyncResource) -> None:
+    """Close `stream` so that its peer sees a reset (RST) rather than a clean EOF."""
+    # Any stream with a socket: trio.SocketStream, and the thread-pumped Hyper-V stream.
+    sock = getattr(stream, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError, TypeError):  # closed; no SO_LINGER; AF_VSOCK takes only ints
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    await trio.aclose_forcefully(stream)
 
 
 def listener_address(listener: Listener) -> str:
