@@ -21,7 +21,7 @@ import click
 import trio
 
 from hvbridge import __version__, hyperv, metrics, sshconfig, transports
-from hvbridge.addresses import VMADDR_PORT_ANY, Address, StdioAddress, VsockAddress, parse_address
+from hvbridge.addresses import VMADDR_PORT_ANY, Address, StdioAddress, TcpAddress, VsockAddress, parse_address
 from hvbridge.backend import Backend
 from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import (
@@ -681,7 +681,7 @@ def probe(
     setup_logging(_log_level(verbose, quiet, "warning"), log_format or "text")
     if table.bridge.metrics is None:
         raise UserError(f"{table.source}: bridge.metrics is not set; `probe` asks the metrics endpoint")
-    if str(table.bridge.metrics).endswith(":0"):
+    if isinstance(table.bridge.metrics, TcpAddress | VsockAddress) and table.bridge.metrics.port == 0:
         raise UserError(f"{table.source}: bridge.metrics has port 0; `probe` needs a fixed port to ask")
     problems = trio.run(metrics.probe, table.bridge.metrics, [route.name for route in table.routes], Backend().connect)
     if problems:

@@ -226,7 +226,8 @@ class Supervisor:
                         listen=bound,
                         connect=str(route.connect),
                     )
-                    if not route.options.allow and bound.startswith("tcp://") and not _is_loopback_text(bound):
+                    sockname = base.listener_sockname(listener)
+                    if not route.options.allow and sockname is not None and base.exposed_tcp(*sockname):
                         event(
                             logging.WARNING,
                             "listening on a non-loopback address with no allow list; anyone who can"
@@ -434,14 +435,6 @@ async def connect_with_retries(
             target=str(target),
         )
         await trio.sleep(delay)
-
-
-def _is_loopback_text(bound: str) -> bool:
-    host = bound[len("tcp://") :].rpartition(":")[0].strip("[]")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def serve_routes(

@@ -594,3 +594,18 @@ def test_family_unavailable() -> None:
     error = base.family_unavailable(VsockAddress(3, 5), "AF_VSOCK needs Linux")
     assert isinstance(error, AddressFamilyUnavailable)
     assert str(error) == "open vsock://3:5: AF_VSOCK needs Linux"
+
+
+@pytest.mark.parametrize(
+    ("family", "sockaddr", "exposed"),
+    [
+        (socket.AF_INET, ("0.0.0.0", 80), True),
+        (socket.AF_INET, ("127.0.0.1", 80), False),
+        (socket.AF_INET6, ("::", 80, 0, 0), True),
+        (socket.AF_INET6, ("::1", 80, 0, 0), False),
+        (socket.AF_INET6, ("fe80::1%eth0", 80, 0, 2), True),
+        (socket.AF_UNIX, "/run/x.sock", False),
+    ],
+)
+def test_exposed_tcp_compares_the_bound_address_as_a_value(family: int, sockaddr: object, exposed: bool) -> None:
+    assert base.exposed_tcp(family, sockaddr) is exposed

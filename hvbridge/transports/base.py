@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import socket
 import struct
@@ -107,10 +108,26 @@ async def abort(stream: trio.abc.AsyncResource) -> None:
 
 def listener_address(listener: Listener) -> str:
     """The bound address of a listener in its endpoint text form (shows the real port)."""
+    bound = listener_sockname(listener)
+    return repr(listener) if bound is None else sockaddr_text(*bound)
+
+
+def listener_sockname(listener: Listener) -> tuple[int, object] | None:
+    """The (family, sockaddr) a socket listener is bound to, or None for other listeners."""
     sock = getattr(listener, "socket", None)
     if sock is None:
-        return repr(listener)
-    return sockaddr_text(sock.family, sock.getsockname())
+        return None
+    return sock.family, sock.getsockname()
+
+
+def exposed_tcp(family: int, sockaddr: object) -> bool:
+    """Whether a bound socket address is TCP on an address other than loopback."""
+    if family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(sockaddr, tuple):
+        return False
+    try:
+        return not ipaddress.ip_address(str(sockaddr[0]).partition("%")[0]).is_loopback
+    except ValueError:  # never a name in practice; warn anyway
+        return True
 
 
 def peer_address(stream: trio.abc.Stream) -> tuple[int, object] | None:
