@@ -16,8 +16,6 @@ Rules:
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, final
@@ -31,7 +29,7 @@ from hvbridge.config import COMMAND_LINE, ListenBinds
 from hvbridge.errors import EndpointError, HvbridgeError
 from hvbridge.logs import event
 from hvbridge.routes import Route, RouteOptions, RouteTable
-from hvbridge.transports import base, hvsock, tcp
+from hvbridge.transports import base, hvsock, tcp, unix
 
 if TYPE_CHECKING:
     from hvbridge.systemd import ActivatedSocket
@@ -210,20 +208,10 @@ class ListenerPool:
         address = route.listen
         if self._unix_options.get(key, wanted) == wanted or not isinstance(address, UnixAddress):
             return
-        mode, owner, group = wanted
-        # As transports/unix.py reads them: a name, or a number as digits.
-        user_id: str | int | None = int(owner) if owner is not None and owner.isdigit() else owner
-        group_id: str | int | None = int(group) if group is not None and group.isdigit() else group
         if not address.abstract:
             try:
-                os.chmod(address.path, mode)
-                if user_id is not None and group_id is not None:
-                    shutil.chown(address.path, user_id, group_id)
-                elif user_id is not None:
-                    shutil.chown(address.path, user=user_id)
-                elif group_id is not None:
-                    shutil.chown(address.path, group=group_id)
-            except (OSError, LookupError) as exc:
+                unix.apply_file_options(address, route.options)
+            except OSError as exc:
                 raise EndpointError(str(address), "listen", f"cannot change mode/owner: {exc}") from exc
         self._unix_options[key] = wanted
 

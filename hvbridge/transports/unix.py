@@ -93,8 +93,7 @@ def open_unix_listener(address: UnixAddress, options: RouteOptions) -> UnixListe
         if not address.abstract:
             st = os.lstat(address.path)
             inode = (st.st_dev, st.st_ino)
-            _apply_owner(address, options)
-            os.chmod(address.path, options.mode, follow_symlinks=False)
+            apply_file_options(address, options)
         sock.listen(BACKLOG)
     except OSError as exc:
         _discard(sock, address, bound)
@@ -158,6 +157,19 @@ def _clear_stale_socket(address: UnixAddress) -> None:
     finally:
         probe.close()
     raise EndpointError(str(address), "listen", "another process is listening on this socket; stop it first")
+
+
+def apply_file_options(address: UnixAddress, options: RouteOptions) -> None:
+    """Give the socket file at `address` the route's owner/group and mode, never following a symlink.
+
+    The listener pool calls it again when a reload changes them on a kept socket.
+
+    Raises:
+        EndpointError: The owner or group names nobody.
+        OSError: chown() or chmod() failed.
+    """
+    _apply_owner(address, options)
+    os.chmod(address.path, options.mode, follow_symlinks=False)
 
 
 def _apply_owner(address: UnixAddress, options: RouteOptions) -> None:
