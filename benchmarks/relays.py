@@ -28,7 +28,7 @@ HVBRIDGE_COMMANDS: Final = {
     "hvbridge-2w": "{python} -m hvbridge run --workers 2 -q -c {config}",
     # The recv_into path for every connection: what the splice fast path wins.
     "hvbridge-recv": (
-        "{python} -c 'import sys, hvbridge.splice; hvbridge.splice.enabled = False;"
+        "{python} -c 'import sys, hvbridge.relay.splice; hvbridge.relay.splice.enabled = False;"
         ' sys.argv[0] = "hvbridge"; from hvbridge.cli import main; main()\' run -q -c {config}'
     ),
 }

@@ -1,7 +1,7 @@
 """The `hvbridge` command line (docs/reference.md, "Command line"): run, check, forward, connect, hyperv.
 
-This module owns argument parsing and exit codes; service.py runs the daemon (signals, reload,
-shutdown, workers). Exit status:
+This module owns argument parsing and exit codes, and composes the daemon (run_daemon: the
+engine, the listener pool, logging); service.py runs it (signals, reload, shutdown). Exit status:
 0 clean exit; 1 a user error (HvbridgeError), printed as `Error: ...` lines on stderr with no
 traceback; 2 bad usage (click). Anything else escaping is a bug and keeps its traceback.
 """
@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Final, Literal, ParamSpec, TypeVar, final
 import click
 import trio
 
-from hvbridge import __version__, endpoints, metrics, service, sshconfig
-from hvbridge.addresses import VMADDR_PORT_ANY, Address, StdioAddress, VsockAddress, parse_address
+from hvbridge import __version__, metrics, sshconfig, transports
+from hvbridge.addresses import VMADDR_PORT_ANY, Address, StdioAddress, TcpAddress, VsockAddress, parse_address
+from hvbridge.backend import Backend
 from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import (
     COMMAND_LINE,
@@ -32,14 +33,22 @@ from hvbridge.config import (
     parse_duration,
     table_from_mapping,
 )
+from hvbridge.engine import Engine, open_local_engine
 from hvbridge.errors import AddressError, ConfigError, EndpointError, HvbridgeError
 from hvbridge.hyperv.guids import hyperv_port_problem
+from hvbridge.listeners import ListenerPool, inherit
 from hvbridge.logs import event, setup_logging
 from hvbridge.relay import relay
+from hvbridge.relay.ends import EndReason
 from hvbridge.routes import RouteOptions, RouteTable
+from hvbridge.service import check_families, file_signature, log_file_problem, serve
 from hvbridge.supervisor import connect_with_retries
+from hvbridge.systemd import listen_fds
+from hvbridge.transports import base, tcp, vsock
+from hvbridge.workers import open_worker_engine
 
 if TYPE_CHECKING:
+    import contextlib
     from collections.abc import Callable
 
 P = ParamSpec("P")
@@ -251,15 +260,13 @@ def check(
     del verbose, quiet, log_format  # taken so that they may come before any command; check logs nothing
     table = load_config(config_path, config_format)
     # Parsing compared listen endpoints as text; here host names are resolved, as run does.
-    conflicts = listen_conflicts(table, endpoints.listen_hosts)
+    conflicts = listen_conflicts(table, tcp.listen_hosts)
     if conflicts:
         raise UserError("\n".join(str(problem) for problem in conflicts))
     click.echo(format_table(table), nl=False)
     if any(isinstance(a, VsockAddress) for r in table.routes for a in (r.listen, r.connect)) and hasattr(
         socket, "AF_VSOCK"
     ):
-        from hvbridge import vsock
-
         click.echo(f"# {vsock.describe_local_cid()}")
     for route in table.routes:
         for key, address in (("listen", route.listen), ("connect", route.connect)):
@@ -267,7 +274,7 @@ def check(
                 problem = hyperv_port_problem(address.port)
                 if problem is not None:
                     click.echo(f"warning: routes.{route.name}.{key}: under Hyper-V, {problem}", err=True)
-            why = endpoints.unavailable_reason(address)
+            why = transports.unavailable_reason(address)
             if why is not None:
                 click.echo(
                     f"warning: routes.{route.name}.{key}: {why}; this route cannot run here",
@@ -476,7 +483,7 @@ async def _relay_stdio(target: Address, options: RouteOptions, *, fdpass: bool) 
             sshconfig.pass_fd(channel, sock.fileno())
         await trio.aclose_forcefully(backend)  # ssh holds its own copy now
         return None
-    stdio = _StdioSides(endpoints.open_stdio_stream())
+    stdio = _StdioSides(transports.stdio.open_stdio_stream())
     result = await relay(stdio, backend, half_close=True)
     event(
         logging.DEBUG,
@@ -486,19 +493,19 @@ async def _relay_stdio(target: Address, options: RouteOptions, *, fdpass: bool) 
         bytes_out=result.backend_to_client,
         reason=result.reason,
     )
-    if result.reason == "closed":
+    if result.end is EndReason.CLOSED:
         return None
-    if result.reason == "reset by backend":
+    if result.end is EndReason.RESET_BY_BACKEND:
         return f"the backend {target} reset the connection"
-    if result.reason.startswith("backend error: "):
-        return f"the backend {target} failed ({result.reason.removeprefix('backend error: ')})"
+    if result.end is EndReason.BACKEND_ERROR:
+        return f"the backend {target} failed ({result.detail})"
     return stdio.failed or result.reason  # the client side: stdin or stdout
 
 
-async def _open_target(target: Address, options: RouteOptions) -> endpoints.Stream:
+async def _open_target(target: Address, options: RouteOptions) -> base.Stream:
     """connect_with_retries(), whose timeout speaks of this command's --connect-timeout."""
     try:
-        return await connect_with_retries(target, options, endpoints.connect, name="connect")
+        return await connect_with_retries(target, options, Backend().connect, name="connect")
     except EndpointError as exc:
         if exc.message.startswith("timed out after "):
             raise EndpointError(exc.address, exc.op, f"{exc.message} (--connect-timeout)") from None
@@ -578,19 +585,82 @@ def _serve(
     watch: bool = False,
     workers: int = 1,
 ) -> None:
-    """Run the daemon (service.run): signals, reload, drain, metrics, systemd, workers."""
+    """Run the daemon (run_daemon): signals, reload, drain, metrics, systemd, workers."""
     if workers > 1 and os.name != "posix":
         raise click.UsageError("--workers needs a POSIX system (the workers inherit the listening sockets)")
     from_file = config_path is not None and config_path != "-"
     if watch and not from_file:
         raise click.UsageError("--watch needs a route table file (not stdin)")
-    service.run(
+    run_daemon(
         table,
         load=load if from_file else None,
         watch=config_path if watch else None,
         workers=workers,
         log_level=_log_level(verbose, quiet, "") or None,
         log_format=log_format,
+    )
+
+
+def run_daemon(
+    table: RouteTable,
+    *,
+    load: Callable[[], RouteTable] | None = None,
+    watch: str | None = None,
+    workers: int = 1,
+    log_level: str | None = None,
+    log_format: Literal["text", "json"] | None = None,
+) -> None:
+    """Run the daemon in this process until it is stopped: the `run` and `forward` commands.
+
+    The composition root: picks the engine (this process, or --workers processes).
+
+    Sets up logging, takes socket-activated sockets ($LISTEN_FDS), and runs serve() with
+    `workers` processes (1: this process relays).
+
+    Args:
+        table: The route table to start with.
+        load: Re-reads the table (SIGHUP, --watch); None when it did not come from a file.
+        watch: The file to poll for changes (--watch), or None.
+        workers: Processes that relay (--workers).
+        log_level: A -v/-q override of [bridge] log_level.
+        log_format: A --log-format override of [bridge] log_format.
+
+    Raises:
+        HvbridgeError: The table cannot run here (family missing, listener cannot be opened).
+    """
+    # Taken before anything else, so that an edit made while starting up is seen.
+    since = file_signature(watch) if watch is not None else None
+    level = log_level or table.bridge.log_level
+    fmt = log_format or table.bridge.log_format
+    if workers > 1 and table.bridge.log_file is not None:
+        raise ConfigError.single(
+            table.source,
+            "bridge.log_file",
+            "cannot be used with --workers (the worker processes log to stderr); remove one of them",
+        )
+    try:
+        setup_logging(level, fmt, table.bridge.log_file)
+    except OSError as exc:
+        raise ConfigError([log_file_problem(table, exc)]) from exc
+    check_families(table)
+    backend = Backend()
+    engine: Callable[[], contextlib.AbstractAsyncContextManager[Engine]] = functools.partial(open_local_engine, backend)
+    if workers > 1:
+        engine = functools.partial(open_worker_engine, workers, level, fmt)
+    pool = ListenerPool(inherit(listen_fds()), backend.open_listeners, respell=workers <= 1)
+    trio.run(
+        functools.partial(
+            serve,
+            table,
+            backend=backend,
+            engine=engine,
+            pool=pool,
+            load=load,
+            watch=watch,
+            watch_since=since,
+            log_level=log_level,
+            log_format=log_format,
+        )
     )
 
 
@@ -612,9 +682,9 @@ def probe(
     setup_logging(_log_level(verbose, quiet, "warning"), log_format or "text")
     if table.bridge.metrics is None:
         raise UserError(f"{table.source}: bridge.metrics is not set; `probe` asks the metrics endpoint")
-    if str(table.bridge.metrics).endswith(":0"):
+    if isinstance(table.bridge.metrics, TcpAddress | VsockAddress) and table.bridge.metrics.port == 0:
         raise UserError(f"{table.source}: bridge.metrics has port 0; `probe` needs a fixed port to ask")
-    problems = trio.run(metrics.probe, table.bridge.metrics, [route.name for route in table.routes])
+    problems = trio.run(metrics.probe, table.bridge.metrics, [route.name for route in table.routes], Backend().connect)
     if problems:
         raise UserError("\n".join(problems))
     click.echo(f"healthy: {len(table.routes)} route(s) listening")

@@ -42,11 +42,13 @@ from prometheus_client.metrics_core import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 
-from hvbridge import __version__, endpoints
+from hvbridge import __version__
+from hvbridge.backend import Backend
 from hvbridge.errors import EndpointError
 from hvbridge.logs import event
 from hvbridge.routes import RouteOptions
 from hvbridge.stats import CONNECT_LATENCY_BUCKETS, Snapshot
+from hvbridge.transports import base
 
 if TYPE_CHECKING:
     from hvbridge.addresses import Address
@@ -66,10 +68,6 @@ Render = Callable[[], Awaitable[bytes]]
 
 
 # ------------------------------------------------------------------------------- exposition
-
-
-def _label(reason: str) -> str:
-    return reason.strip().replace(" ", "_")
 
 
 @final
@@ -120,7 +118,7 @@ class RouteCollector:
             refused.add_metric([name], stats.refused)
             failed.add_metric([name], stats.failed)
             for reason, count in sorted(stats.closed.items()):
-                closed.add_metric([name, _label(reason)], count)
+                closed.add_metric([name, reason], count)
             relayed.add_metric([name, "client_to_backend"], stats.bytes_in)
             relayed.add_metric([name, "backend_to_client"], stats.bytes_out)
             buckets: list[tuple[str, float]] = []
@@ -242,21 +240,22 @@ async def handle_request(stream: trio.abc.Stream, render: Render) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def open_metrics_listeners(address: Address) -> list[endpoints.Listener]:
+async def open_metrics_listeners(address: Address, open_listeners: base.OpenListeners) -> list[base.Listener]:
     """Bind the metrics endpoint (a Unix socket gets mode 0600).
 
     Raises:
         EndpointError: The address cannot be bound.
     """
-    return await endpoints.open_listeners(address, RouteOptions())
+    return await open_listeners(address, RouteOptions())
 
 
 async def serve_metrics(
     address: Address,
     render: Render,
     *,
-    listeners: list[endpoints.Listener] | None = None,
-    task_status: trio.TaskStatus[list[endpoints.Listener]] = trio.TASK_STATUS_IGNORED,
+    listeners: list[base.Listener] | None = None,
+    open_listeners: base.OpenListeners | None = None,
+    task_status: trio.TaskStatus[list[base.Listener]] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve `GET /metrics` on `address` (TCP or Unix) until cancelled.
 
@@ -265,6 +264,7 @@ async def serve_metrics(
         render: Produces the exposition text for each scrape.
         listeners: Listeners already bound to `address` (open_metrics_listeners()); this
             function then owns them.
+        open_listeners: Binds `address` when `listeners` is None (default: Backend().open_listeners).
         task_status: Receives the listeners once they are bound.
 
     Error handling: see handle_request(); accept errors are handled as by trio.serve_listeners.
@@ -276,33 +276,38 @@ async def serve_metrics(
         EndpointError: The address cannot be bound.
     """
     if listeners is None:
-        listeners = await open_metrics_listeners(address)
+        listeners = await open_metrics_listeners(address, open_listeners or Backend().open_listeners)
     limit = trio.Semaphore(MAX_SCRAPES)
 
-    async def handler(stream: endpoints.Stream) -> None:
+    async def handler(stream: base.Stream) -> None:
         async with limit:
             await handle_request(stream, render)
 
     for listener in listeners:
-        event(logging.INFO, "metrics listening", listen=endpoints.listener_address(listener))
+        event(logging.INFO, "metrics listening", listen=base.listener_address(listener))
     await trio.serve_listeners(handler, listeners, task_status=task_status)
 
 
 # ------------------------------------------------------------------------------------ probe
 
 
-async def probe(address: Address, routes: Iterable[str]) -> list[str]:
+async def probe(address: Address, routes: Iterable[str], connect: base.Connect | None = None) -> list[str]:
     """Scrape /metrics at `address` and say what is wrong (the container HEALTHCHECK).
 
     Healthy means: the daemon answers a scrape within PROBE_TIMEOUT (its event loop is
     alive) and every route in `routes` has at least one listening socket.
+
+    Args:
+        address: The [bridge] metrics address.
+        routes: The route names that must listen.
+        connect: Opens the stream (default: Backend().connect).
 
     Returns:
         One line per problem; empty when healthy.
     """
     try:
         with trio.fail_after(PROBE_TIMEOUT):
-            stream = await endpoints.connect(address, RouteOptions())
+            stream = await (connect or Backend().connect)(address, RouteOptions())
             try:
                 await stream.send_all(b"GET /metrics HTTP/1.0\r\nHost: hvbridge\r\n\r\n")
                 data = bytearray()

@@ -27,6 +27,7 @@ class RouteStatistics:
     failed: int
     bytes_in: int
     bytes_out: int
+    #: Ended connections per EndReason label (relay/ends.py), e.g. `closed_by_client`.
     closed: dict[str, int]
     #: Successful backend connects per CONNECT_LATENCY_BUCKETS bucket (not cumulative; last is +Inf).
     connect_buckets: tuple[int, ...] = (0,) * (len(CONNECT_LATENCY_BUCKETS) + 1)

@@ -1,7 +1,7 @@
 """The supervisor: accept loops, per-connection tasks, allow lists, logs and statistics.
 
 This module owns the life of routes and connections. It takes the socket layer as callables
-(`open_listeners`, `connect`, defaulting to endpoints.py), so tests inject fakes.
+(`open_listeners`, `connect`, defaulting to transports/), so tests inject fakes.
 
 Error handling: a connection's failure is caught in its own task, logged with route and peer,
 and never reaches another connection or the listener. An accept that fails for lack of
@@ -32,14 +32,17 @@ from typing import TYPE_CHECKING, Final, NoReturn, final
 import attrs
 import trio
 
-from hvbridge import endpoints, proxyio, proxyproto
+from hvbridge import proxyio, proxyproto
+from hvbridge.backend import Backend
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.hyperv.guids import parse_guid, vm_id_matches
 from hvbridge.logs import LOGGER, event
 from hvbridge.proxyproto import ProxyHeader, ProxyProtocolError
-from hvbridge.relay import Transfer, abort, buffer_pool, relay
+from hvbridge.relay import relay
+from hvbridge.relay.ends import EndReason, Transfer
 from hvbridge.routes import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.stats import CONNECT_LATENCY_BUCKETS, RouteStatistics
+from hvbridge.transports import base, hvsock
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -131,12 +134,10 @@ def _unmapped(rule: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.
     return rule
 
 
-async def peer_allowed(rules: Sequence[AllowRule], peer: tuple[int, object] | None) -> bool:
+async def peer_allowed(rules: Sequence[AllowRule], peer: tuple[int, object] | None, backend: Backend) -> bool:
     """is_allowed(), except that Hyper-V peers go through hvsock, which resolves VM names."""
     if peer is not None and peer[0] == getattr(socket, "AF_HYPERV", None):  # pragma: no cover - Windows only
-        from hvbridge import hvsock
-
-        return await hvsock.peer_vm_allowed([r.vm for r in rules if isinstance(r, VmRule)], peer[1])
+        return await hvsock.peer_vm_allowed(backend.hvsock, [r.vm for r in rules if isinstance(r, VmRule)], peer[1])
     return is_allowed(rules, peer)
 
 
@@ -154,15 +155,19 @@ class Supervisor:
 
     Args:
         connections: The nursery connection tasks run in; it outlives every route.
-        open_listeners: Opens a route's listeners (default endpoints.open_listeners).
-        connect: Opens a route's backend stream (default endpoints.connect).
+        backend: Opens, inspects and closes streams; holds the process's socket state.
+        open_listeners: Opens a route's listeners (default backend.open_listeners).
+        connect: Opens a route's backend stream (default backend.connect).
     """
 
     connections: trio.Nursery
-    open_listeners: endpoints.OpenListeners = endpoints.open_listeners
-    connect: endpoints.Connect = endpoints.connect
+    backend: Backend = attrs.field(factory=Backend)
+    open_listeners: base.OpenListeners = attrs.field(
+        default=attrs.Factory(lambda self: self.backend.open_listeners, takes_self=True)
+    )
+    connect: base.Connect = attrs.field(default=attrs.Factory(lambda self: self.backend.connect, takes_self=True))
     counters: dict[str, RouteCounters] = attrs.field(factory=dict)
-    listeners: dict[str, list[endpoints.Listener]] = attrs.field(factory=dict)
+    listeners: dict[str, list[base.Listener]] = attrs.field(factory=dict)
     # Connection tasks started and not yet finished (counted from accept, before the task
     # runs), and where wait_idle() waits for that number to reach 0.
     _open: int = attrs.field(default=0, init=False)
@@ -186,8 +191,8 @@ class Supervisor:
         self,
         route: Route,
         *,
-        listeners: list[endpoints.Listener] | None = None,
-        task_status: trio.TaskStatus[list[endpoints.Listener]] = trio.TASK_STATUS_IGNORED,
+        listeners: list[base.Listener] | None = None,
+        task_status: trio.TaskStatus[list[base.Listener]] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
         """Listen on the route and serve every connection; runs until cancelled.
 
@@ -214,7 +219,7 @@ class Supervisor:
             slots = trio.Semaphore(route.options.max_connections)
             async with trio.open_nursery() as nursery:
                 for listener in listeners:
-                    bound = endpoints.listener_address(listener)
+                    bound = base.listener_address(listener)
                     event(
                         logging.INFO,
                         "listening",
@@ -222,7 +227,8 @@ class Supervisor:
                         listen=bound,
                         connect=str(route.connect),
                     )
-                    if not route.options.allow and bound.startswith("tcp://") and not _is_loopback_text(bound):
+                    sockname = base.listener_sockname(listener)
+                    if not route.options.allow and sockname is not None and base.exposed_tcp(*sockname):
                         event(
                             logging.WARNING,
                             "listening on a non-loopback address with no allow list; anyone who can"
@@ -243,7 +249,7 @@ class Supervisor:
     async def _accept_loop(
         self,
         route: Route,
-        listener: endpoints.Listener,
+        listener: base.Listener,
         slots: trio.Semaphore,
         counters: RouteCounters,
     ) -> None:
@@ -263,7 +269,7 @@ class Supervisor:
                     await trio.sleep(ACCEPT_RETRY_DELAY)
                     continue
                 # Anything else means the listening socket itself is broken: this route ends
-                # (service.py logs it and keeps every other route running).
+                # (engine.py logs it and keeps every other route running).
                 raise
             except BaseException:
                 slots.release()
@@ -272,11 +278,9 @@ class Supervisor:
             self._open += 1
             self.connections.start_soon(self._handle, route, stream, slots, counters)
 
-    async def _handle(
-        self, route: Route, stream: endpoints.Stream, slots: trio.Semaphore, counters: RouteCounters
-    ) -> None:
+    async def _handle(self, route: Route, stream: base.Stream, slots: trio.Semaphore, counters: RouteCounters) -> None:
         start = trio.current_time()
-        peer_info = endpoints.peer_address(stream)
+        peer_info = self.backend.peer_address(stream)
         transfer = Transfer()
         counters.live.add(transfer)
         via = incoming = None
@@ -288,33 +292,34 @@ class Supervisor:
                         incoming, surplus = await proxyio.read_header(stream, route.options.connect_timeout)
                     except ProxyProtocolError as exc:
                         counters.refused += 1
-                        transfer.reason = f"refused: bad PROXY header: {exc}"
-                        await abort(stream)
+                        transfer.end, transfer.detail = EndReason.REFUSED, f"bad PROXY header: {exc}"
+                        await self.backend.abort(stream)
                         return
                     if incoming.peer() is not None:  # LOCAL and UNKNOWN keep the real peer
                         via, peer_info = peer_info, incoming.peer()
-                if route.options.allow and not await peer_allowed(route.options.allow, peer_info):
+                if route.options.allow and not await peer_allowed(route.options.allow, peer_info, self.backend):
                     counters.refused += 1
-                    transfer.reason = "refused by allow list"
-                    await abort(stream)
+                    transfer.end = EndReason.REFUSED_BY_ALLOW_LIST
+                    await self.backend.abort(stream)
                     return
                 try:
                     backend = await self.open_backend(route)
                 except EndpointError as exc:
                     counters.failed += 1
-                    transfer.reason = f"connect failed: {exc.message}"
-                    await abort(stream)
+                    transfer.end, transfer.detail = EndReason.CONNECT_FAILED, exc.message
+                    await self.backend.abort(stream)
                     return
                 if route.options.proxy_protocol != "none" or surplus:
                     try:
                         await self._send_first(route, stream, backend, peer_info, incoming, surplus)
                     except BaseException as exc:
-                        await abort(backend)  # cancelled: the outer handler closes the client
+                        await self.backend.abort(backend)  # cancelled: the outer handler closes the client
                         if not isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
                             raise
                         counters.failed += 1
-                        transfer.reason = f"connect failed: cannot send the first bytes to the backend ({exc})"
-                        await abort(stream)
+                        transfer.end = EndReason.CONNECT_FAILED
+                        transfer.detail = f"cannot send the first bytes to the backend ({exc})"
+                        await self.backend.abort(stream)
                         return
             except BaseException:
                 # Cancelled while connecting: the stream is still open (relay() and abort()
@@ -327,26 +332,27 @@ class Supervisor:
                 backend,
                 half_close=route.options.half_close,
                 idle_timeout=route.options.idle_timeout,
-                pool=buffer_pool(route.options.buffer_size),
+                pool=self.backend.buffer_pool(route.options.buffer_size),
                 transfer=transfer,
+                splice=self.backend.splice,
             )
         finally:
             slots.release()
             counters.live.discard(transfer)
             counters.bytes_in += transfer.client_to_backend
             counters.bytes_out += transfer.backend_to_client
-            if not transfer.reason:
-                transfer.reason = "cancelled"
-            kind = transfer.reason.split(":")[0]
-            counters.closed[kind] = counters.closed.get(kind, 0) + 1
-            level = logging.WARNING if transfer.reason.startswith(("connect failed", "refused")) else logging.INFO
+            if transfer.end is None:
+                transfer.end = EndReason.CANCELLED
+            end = transfer.end
+            counters.closed[end.label] = counters.closed.get(end.label, 0) + 1
+            level = logging.WARNING if end.not_relayed else logging.INFO
             if LOGGER.isEnabledFor(level):  # skip building the fields when the line is not logged
                 event(
                     level,
                     "connection closed",
                     route=route.name,
-                    peer=endpoints.sockaddr_text(*peer_info) if peer_info else "-",
-                    **({"via": endpoints.sockaddr_text(*via)} if via else {}),
+                    peer=base.sockaddr_text(*peer_info) if peer_info else "-",
+                    **({"via": base.sockaddr_text(*via)} if via else {}),
                     target=str(route.connect),
                     bytes_in=transfer.client_to_backend,
                     bytes_out=transfer.backend_to_client,
@@ -360,8 +366,8 @@ class Supervisor:
     @staticmethod
     async def _send_first(
         route: Route,
-        client: endpoints.Stream,
-        backend: endpoints.Stream,
+        client: base.Stream,
+        backend: base.Stream,
         peer: tuple[int, object] | None,
         incoming: ProxyHeader | None,
         surplus: bytes,
@@ -377,7 +383,7 @@ class Supervisor:
         if surplus:
             await backend.send_all(surplus)
 
-    async def open_backend(self, route: Route) -> endpoints.Stream:
+    async def open_backend(self, route: Route) -> base.Stream:
         """Connect to the route's target (connect_with_retries) and record the connect latency.
 
         Raises:
@@ -392,8 +398,8 @@ class Supervisor:
 
 
 async def connect_with_retries(
-    target: Address, options: RouteOptions, connect: endpoints.Connect, *, name: str
-) -> endpoints.Stream:
+    target: Address, options: RouteOptions, connect: base.Connect, *, name: str
+) -> base.Stream:
     """Connect to `target` within options.connect_timeout, retrying as options.connect_retries says.
 
     Retries only failures that say "backend unavailable" (refused, reset, timed out...),
@@ -402,7 +408,7 @@ async def connect_with_retries(
     Args:
         target: The endpoint to connect to.
         options: Its connect_timeout and connect_retries (and what `connect` reads).
-        connect: Opens one stream (endpoints.connect, or a fake in tests).
+        connect: Opens one stream (Backend.connect, or a fake in tests).
         name: The route's name, for the retry log lines.
 
     Raises:
@@ -432,19 +438,12 @@ async def connect_with_retries(
         await trio.sleep(delay)
 
 
-def _is_loopback_text(bound: str) -> bool:
-    host = bound[len("tcp://") :].rpartition(":")[0].strip("[]")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 async def serve_routes(
     table: RouteTable,
     *,
-    open_listeners: endpoints.OpenListeners = endpoints.open_listeners,
-    connect: endpoints.Connect = endpoints.connect,
+    backend: Backend | None = None,
+    open_listeners: base.OpenListeners | None = None,
+    connect: base.Connect | None = None,
     task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve every route of `table` until cancelled.
@@ -459,7 +458,13 @@ async def serve_routes(
         EndpointError: A listen endpoint cannot be opened.
     """
     async with trio.open_nursery() as connections:
-        supervisor = Supervisor(connections, open_listeners, connect)
+        backend = backend if backend is not None else Backend()
+        supervisor = Supervisor(
+            connections,
+            backend,
+            open_listeners if open_listeners is not None else backend.open_listeners,
+            connect if connect is not None else backend.connect,
+        )
         async with trio.open_nursery() as routes:
             for route in table.routes:
                 supervisor.listeners[route.name] = await routes.start(supervisor.serve_route, route)

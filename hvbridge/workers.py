@@ -1,7 +1,7 @@
 """`--workers N`: N processes accept on the same listening sockets; the main process manages them.
 
 This module owns the worker processes and the control channel to each. The main process
-opens every listening socket (service.ListenerPool: its own, or systemd's), then starts N
+opens every listening socket (listeners.ListenerPool: its own, or systemd's), then starts N
 workers with `python -c ...` and passes them the sockets' fds (`pass_fds`), so the kernel
 spreads connections over processes that each run their own trio loop. The main process
 relays nothing.
@@ -41,16 +41,18 @@ from typing import TYPE_CHECKING, Final, Literal, final
 import attrs
 import trio
 
+from hvbridge.backend import Backend
 from hvbridge.errors import HvbridgeError
+from hvbridge.listeners import Inherited, ListenerPool, Listeners, listener_from_fd
 from hvbridge.logs import LOGGER, event, setup_logging
 from hvbridge.routes import RouteTable
-from hvbridge.service import Inherited, ListenerPool, Listeners, Service, listener_from_fd, serve
+from hvbridge.service import Service, serve
 from hvbridge.stats import RouteStatistics, Snapshot, merge_all, retired
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from hvbridge import endpoints
+    from hvbridge.transports import base
 
 #: How long a new worker may take to start its routes.
 READY_TIMEOUT: Final = 30.0
@@ -164,7 +166,7 @@ class Worker:
 @final
 @attrs.define(eq=False)
 class WorkerEngine:
-    """The service.Engine of the main process: generations of N workers.
+    """The engine.Engine of the main process: generations of N workers.
 
     Args:
         count: Workers per generation.
@@ -341,7 +343,7 @@ class WorkerEngine:
                 worker.process.kill()
 
 
-def _fileno(listener: endpoints.Listener, route: str) -> int:
+def _fileno(listener: base.Listener, route: str) -> int:
     sock = getattr(listener, "socket", None)
     if sock is None:
         raise WorkerError(
@@ -408,9 +410,7 @@ async def _work(channel: Channel) -> None:
         for fd in route_fds
     ]
     async with trio.open_nursery() as nursery:
-        service: Service = await nursery.start(
-            _serve_table, table, ListenerPool(inherited), level, fmt, nursery.cancel_scope
-        )
+        service: Service = await nursery.start(_serve_table, table, inherited, level, fmt, nursery.cancel_scope)
         await channel.send(("ready",))
         nursery.start_soon(_obey, channel, service, table)
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -419,14 +419,18 @@ async def _work(channel: Channel) -> None:
 
 async def _serve_table(
     table: RouteTable,
-    pool: ListenerPool,
+    inherited: list[Inherited],
     level: str,
     fmt: Literal["text", "json"],
     done: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[Service],
 ) -> None:
-    await serve(table, pool=pool, metrics=False, log_level=level, log_format=fmt, task_status=task_status)
+    backend = Backend()
+    pool = ListenerPool(inherited, open_listeners=backend.open_listeners)
+    await serve(
+        table, backend=backend, pool=pool, metrics=False, log_level=level, log_format=fmt, task_status=task_status
+    )
     done.cancel()
 
 

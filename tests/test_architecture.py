@@ -38,26 +38,17 @@ LAYERS: Final[tuple[tuple[str, ...], ...]] = (
     # reading route tables; Hyper-V's registry and VM lookup (subprocess, winreg)
     ("hvbridge.config", "hvbridge.hyperv.registry", "hvbridge.hyperv.vms"),
     # sockets, one module per address family
-    ("hvbridge.transports", "hvbridge.backend", "hvbridge.endpoints", "hvbridge.vsock", "hvbridge.hvsock"),
+    ("hvbridge.transports",),
     # moving bytes between two streams
-    ("hvbridge.relay", "hvbridge.splice", "hvbridge.proxyio"),
+    ("hvbridge.relay", "hvbridge.proxyio"),
+    # the injected socket layer: what module globals held (VM lookup, I/O model, splice switch)
+    ("hvbridge.backend",),
     # running routes
     ("hvbridge.supervisor", "hvbridge.metrics", "hvbridge.listeners", "hvbridge.engine"),
     # the daemon
     ("hvbridge.service", "hvbridge.workers"),
     # the composition root
     ("hvbridge.cli", "hvbridge.cli_hyperv", "hvbridge.__main__"),
-)
-
-#: Import edges (importer, imported) that close a cycle today, left out of the cycle check.
-#: Removed by the transports/ and engine split: the family modules import the toolbox back from
-#: the dispatcher, and workers.py imports the listener pool and serve() from service.py.
-KNOWN_CYCLE_EDGES: Final[frozenset[tuple[str, str]]] = frozenset(
-    {
-        ("hvbridge.hvsock", "hvbridge.endpoints"),
-        ("hvbridge.vsock", "hvbridge.endpoints"),
-        ("hvbridge.workers", "hvbridge.service"),
-    }
 )
 
 
@@ -178,21 +169,11 @@ def layer_violations(graph: dict[str, set[str]], layers: tuple[tuple[str, ...], 
     return problems
 
 
-def without(graph: dict[str, set[str]], edges: frozenset[tuple[str, str]]) -> dict[str, set[str]]:
-    return {module: {t for t in targets if (module, t) not in edges} for module, targets in graph.items()}
-
-
 # ---------------------------------------------------------------------------- the package
 
 
 def test_no_import_cycle() -> None:
-    assert find_cycles(without(import_graph(PACKAGE), KNOWN_CYCLE_EDGES)) == []
-
-
-def test_known_cycle_edges_still_exist() -> None:
-    """An allowed edge that is gone must leave the allow-list, so that it cannot come back."""
-    graph = import_graph(PACKAGE)
-    assert {(a, b) for a, b in KNOWN_CYCLE_EDGES if b not in graph.get(a, set())} == set()
+    assert find_cycles(import_graph(PACKAGE)) == []
 
 
 def test_imports_go_downward() -> None:

@@ -380,12 +380,12 @@ def _fake_stdio_and_backend(
 ) -> trio.abc.HalfCloseableStream:
     """`connect`'s stdin/stdout as a memory stream, `backend` as what it connects to; returns the terminal's end."""
     stdio, terminal = trio.testing.memory_stream_pair()
-    monkeypatch.setattr("hvbridge.endpoints.open_stdio_stream", lambda: stdio)
+    monkeypatch.setattr("hvbridge.transports.stdio.open_stdio_stream", lambda: stdio)
 
-    async def connect(address: object, options: object) -> trio.abc.HalfCloseableStream:
+    async def connect(address: object, options: object, hv: object) -> trio.abc.HalfCloseableStream:
         return backend
 
-    monkeypatch.setattr("hvbridge.endpoints.connect", connect)
+    monkeypatch.setattr("hvbridge.transports.connect", connect)
     return terminal
 
 
@@ -416,10 +416,10 @@ async def test_connect_ends_cleanly_when_both_ways_end(monkeypatch: pytest.Monke
 
 
 async def test_connect_timeout_names_the_option(monkeypatch: pytest.MonkeyPatch, autojump_clock: object) -> None:
-    async def never(address: object, options: object) -> trio.abc.HalfCloseableStream:
+    async def never(address: object, options: object, hv: object) -> trio.abc.HalfCloseableStream:
         await trio.sleep_forever()
 
-    monkeypatch.setattr("hvbridge.endpoints.connect", never)
+    monkeypatch.setattr("hvbridge.transports.connect", never)
     with pytest.raises(EndpointError) as raised:
         await _open_target(TcpAddress("127.0.0.1", 22), RouteOptions(connect_timeout=2.0))
     assert str(raised.value) == "connect tcp://127.0.0.1:22: timed out after 2s (--connect-timeout)"

@@ -1,4 +1,4 @@
-"""Tests for hvbridge.hvsock: AF_HYPERV availability, the thread pump, the probe, listen/connect.
+"""Tests for transports.hvsock and threadstream: AF_HYPERV availability, the thread pump, the probe, listen/connect.
 
 Rules for this module: no Windows exists here, so
 - the thread pump (ThreadSocketStream / ThreadSocketListener) runs over real blocking sockets:
@@ -13,6 +13,7 @@ trio.fail_after(LIMIT), and waits for threads poll every millisecond at most.
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import hashlib
 import logging
@@ -28,19 +29,25 @@ import pytest
 import trio
 import trio.testing
 
-from hvbridge import endpoints, hvsock, service
+from hvbridge import transports
 from hvbridge.addresses import HyperVAddress, parse_address
+from hvbridge.backend import Backend
 from hvbridge.config import table_from_mapping
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
-from hvbridge.hvsock import ThreadSocketListener, ThreadSocketStream
 from hvbridge.hyperv.guids import HV_GUID_ZERO, port_for_service_id, service_id_for_port
 from hvbridge.hyperv.vms import SubprocessVmLookup, VmInfo, VmResolver
-from hvbridge.relay import Transfer, relay
+from hvbridge.listeners import ListenerPool
+from hvbridge.relay import relay
 from hvbridge.routes import RouteOptions
+from hvbridge.transports import base, hvsock, threadstream
+from hvbridge.transports.hvsock import HyperVSockets
+from hvbridge.transports.threadstream import ThreadSocketListener, ThreadSocketStream
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Awaitable, Callable, Iterator
     from pathlib import Path
+
+    from hvbridge.relay.ends import Transfer
 
 #: Bound for one test (real clock: threads do not run on the autojump clock).
 LIMIT: Final = 10.0
@@ -96,6 +103,14 @@ async def wait_idle(limiter: trio.CapacityLimiter) -> None:
         await trio.sleep(0.001)
 
 
+async def cancel_once_blocked(call: Callable[[], Awaitable[object]]) -> None:
+    """Start `call`, cancel it once every task waits (its thread started, or a token awaited)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+
 async def accept_into(
     listener: trio.abc.Listener[trio.abc.HalfCloseableStream], streams: list[trio.abc.HalfCloseableStream]
 ) -> None:
@@ -124,6 +139,7 @@ def pump_pair(limiter: trio.CapacityLimiter) -> Iterator[tuple[ThreadSocketStrea
 
 @pytest.mark.skipif(ON_WINDOWS_312, reason="AF_HYPERV exists here")
 async def test_hyperv_unavailable_here() -> None:
+    hvs = HyperVSockets()  # this interpreter's API: none
     version = ".".join(str(p) for p in sys.version_info[:3])
     system = {"linux": "Linux", "darwin": "macOS", "win32": "Windows"}.get(sys.platform, sys.platform)
     reason = f"Hyper-V sockets (AF_HYPERV) need Windows and Python >= 3.12; this is {system} with Python {version}"
@@ -134,10 +150,10 @@ async def test_hyperv_unavailable_here() -> None:
     message = f"open hvsock://my-vm/00000016-facb-11e6-bd58-64006a7986d3: {reason}"
     with trio.fail_after(LIMIT):
         for attempt in (
-            hvsock.open_hvsock_listener(address, RouteOptions()),
-            hvsock.connect_hvsock(address, RouteOptions()),
-            endpoints.open_listeners(address, RouteOptions()),
-            endpoints.connect(address, RouteOptions()),
+            hvsock.open_hvsock_listener(address, RouteOptions(), hvs),
+            hvsock.connect_hvsock(address, RouteOptions(), hvs),
+            transports.open_listeners(address, RouteOptions(), hvs),
+            transports.connect(address, RouteOptions(), hvs),
         ):
             with pytest.raises(AddressFamilyUnavailable) as info:
                 await attempt
@@ -152,7 +168,7 @@ async def test_pump_stream_basics(make_pair: Callable[[], tuple[socket.socket, s
     limiter = trio.CapacityLimiter(4)
     a, b = make_pair()
     pumped, peer = ThreadSocketStream(a, limiter), trio_stream(b)
-    assert endpoints.peer_address(pumped) == (a.family, a.getpeername())
+    assert base.peer_address(pumped) == (a.family, a.getpeername())
     with trio.fail_after(LIMIT):
         await pumped.send_all(b"ping")
         assert await peer.receive_some() == b"ping"
@@ -362,9 +378,8 @@ async def test_cancelled_send_does_not_hang_and_breaks_send_side(limiter: trio.C
     pumped = ThreadSocketStream(a, limiter)
     try:
         with trio.fail_after(LIMIT):
-            with trio.move_on_after(0.05) as scope:
-                await pumped.send_all(b"x" * (8 * MiB))  # nobody reads b: blocks in sendall
-            assert scope.cancelled_caught
+            # Nobody reads b: blocks in sendall, then cancelled.
+            await cancel_once_blocked(functools.partial(pumped.send_all, b"x" * (8 * MiB)))
             with pytest.raises(trio.BrokenResourceError, match="cancelled send_all"):
                 await pumped.send_all(b"more")
             with pytest.raises(trio.BrokenResourceError, match="cancelled send_all"):
@@ -406,8 +421,7 @@ async def test_cancel_before_a_thread_starts_breaks_nothing(limiter: trio.Capaci
         small = trio.CapacityLimiter(1)
         blocked = ThreadSocketStream(socket.socket(socket.AF_UNIX), small)
         async with small:
-            with trio.move_on_after(0.01):
-                await blocked.send_eof()  # cancelled while waiting for a token: nothing started
+            await cancel_once_blocked(blocked.send_eof)  # cancelled while waiting for a token: nothing started
         await blocked.aclose()
         await pumped.send_eof()
         await pumped.send_all(b"")
@@ -504,8 +518,7 @@ async def test_thread_listener_accepts_and_closes(limiter: trio.CapacityLimiter)
     port = listener.socket.getsockname()[1]
     with trio.fail_after(LIMIT):
         # A cancelled accept leaves its thread running; the next accept() takes its connection.
-        with trio.move_on_after(0.01):
-            await listener.accept()
+        await cancel_once_blocked(listener.accept)
         client = await trio.open_tcp_stream("127.0.0.1", port)
         accepted = await listener.accept()
         assert isinstance(accepted, ThreadSocketStream)
@@ -536,8 +549,7 @@ async def test_thread_listener_discards_late_connection(limiter: trio.CapacityLi
     server = socket.create_server(("127.0.0.1", 0))
     listener = ThreadSocketListener(server, limiter)
     with trio.fail_after(LIMIT):
-        with trio.move_on_after(0.01):
-            await listener.accept()  # leaves an accept() running in its thread
+        await cancel_once_blocked(listener.accept)  # leaves an accept() running in its thread
         listener._pump.closed = True  # closed, but the thread has not been woken yet
         client = socket.create_connection(server.getsockname())
         await wait_idle(limiter)  # the thread accepts, sees the listener closed, closes both
@@ -596,7 +608,7 @@ async def test_thread_listener_retries_transient_accept_errors(limiter: trio.Cap
         await client.aclose()
         await listener.aclose()
         await wait_idle(limiter)
-    assert code in hvsock.ACCEPT_TRANSIENT_ERRNOS
+    assert code in threadstream.ACCEPT_TRANSIENT_ERRNOS
 
 
 def test_threads_for() -> None:
@@ -606,16 +618,16 @@ def test_threads_for() -> None:
 
 
 async def test_route_limiter_per_route_object() -> None:
+    hvs = HyperVSockets()
     first, second = RouteOptions(max_connections=3), RouteOptions(max_connections=3)
-    limiter = hvsock.route_limiter(first)
+    limiter = hvs.route_limiter(first)
     assert limiter.total_tokens == 6
-    assert hvsock.route_limiter(first) is limiter
-    assert hvsock.route_limiter(second) is not limiter  # equal options, another route
-    table = hvsock._connect_limiters.get()
-    assert len(table) == 2
+    assert hvs.route_limiter(first) is limiter
+    assert hvs.route_limiter(second) is not limiter  # equal options, another route
+    assert hvs.limiters() == 2
     del first
     gc.collect()
-    assert len(table) == 1
+    assert hvs.limiters() == 1
 
 
 # ------------------------------------------------------------------------------ I/O model
@@ -753,29 +765,29 @@ def refused_port() -> Iterator[int]:
 
 
 @pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch, refused_port: int) -> TcpApi:
-    """TcpApi installed as the platform's AF_HYPERV API."""
-    fake = TcpApi(refused_port)
-    monkeypatch.setattr(hvsock, "platform_api", lambda: fake)
-    return fake
+def api(refused_port: int) -> TcpApi:
+    """TcpApi, standing in for the platform's AF_HYPERV API."""
+    return TcpApi(refused_port)
 
 
 @pytest.fixture
-def lookup(monkeypatch: pytest.MonkeyPatch) -> MutableLookup:
-    """A fake VM lookup installed for hvsock's name resolution."""
-    fake = MutableLookup({"my-vm": VM_A, "wsl": VM_B})
-    monkeypatch.setattr(hvsock, "_resolver", VmResolver(fake, min_refresh=0))
-    return fake
+def lookup() -> MutableLookup:
+    """A fake VM lookup for hvsock's name resolution."""
+    return MutableLookup({"my-vm": VM_A, "wsl": VM_B})
 
 
 @pytest.fixture(params=["readiness", "threads"])
-def model(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def model(request: pytest.FixtureRequest) -> hvsock.IoModel:
     """Run the test under both I/O models (as if the probe had chosen it)."""
-    chosen: str = request.param
-    monkeypatch.setattr(
-        hvsock, "_io_probe", hvsock.IoProbe("readiness" if chosen == "readiness" else "threads", "test")
-    )
+    chosen: hvsock.IoModel = "readiness" if request.param == "readiness" else "threads"
     return chosen
+
+
+@pytest.fixture
+def hvs(request: pytest.FixtureRequest, api: TcpApi, lookup: MutableLookup) -> HyperVSockets:
+    """The Hyper-V socket state over the fakes; the test's I/O model if it asks for one."""
+    model: hvsock.IoModel | None = request.getfixturevalue("model") if "model" in request.fixturenames else None
+    return HyperVSockets(VmResolver(lookup, min_refresh=0), io_model=model, api=api)
 
 
 def hv(text: str) -> HyperVAddress:
@@ -786,15 +798,17 @@ def hv(text: str) -> HyperVAddress:
 
 
 @pytest.mark.parametrize("suspend", [True, False])
-async def test_listen_connect_relay(api: TcpApi, lookup: MutableLookup, model: str, suspend: bool) -> None:
+async def test_listen_connect_relay(
+    hvs: HyperVSockets, api: TcpApi, lookup: MutableLookup, model: hvsock.IoModel, suspend: bool
+) -> None:
     options = RouteOptions(connect_timeout=2.5, connected_suspend=suspend, max_connections=4)
     with trio.fail_after(LIMIT):
-        listener = await hvsock.open_hvsock_listener(hv("hvsock://any/0"), options)
+        listener = await hvsock.open_hvsock_listener(hv("hvsock://any/0"), options, hvs)
         assert listener.model == model
         assert listener.vm_id == HV_GUID_ZERO
         assert isinstance(listener.inner, trio.SocketListener if model == "readiness" else ThreadSocketListener)
         port = listener.socket.getsockname()[1]
-        assert endpoints.listener_address(listener) == f"tcp://127.0.0.1:{port}"
+        assert base.listener_address(listener) == f"tcp://127.0.0.1:{port}"
         async with trio.open_nursery() as nursery:
             accepted: list[trio.abc.HalfCloseableStream] = []
 
@@ -802,10 +816,10 @@ async def test_listen_connect_relay(api: TcpApi, lookup: MutableLookup, model: s
                 accepted.append(await listener.accept())
 
             nursery.start_soon(accept)
-            connected = await hvsock.connect_hvsock(hv(f"hvsock://my-vm/{port}"), options)
+            connected = await hvsock.connect_hvsock(hv(f"hvsock://my-vm/{port}"), options, hvs)
         assert isinstance(connected, trio.SocketStream if model == "readiness" else ThreadSocketStream)
         server = accepted[0]
-        assert endpoints.peer_address(server) is not None
+        assert base.peer_address(server) is not None
         await connected.send_all(b"hello")
         await connected.send_eof()
         assert await receive_all(server) == b"hello"
@@ -820,74 +834,82 @@ async def test_listen_connect_relay(api: TcpApi, lookup: MutableLookup, model: s
 
 
 @pytest.mark.parametrize(("seconds", "milliseconds"), [(0.0001, 1), (1000.0, 300_000), (0.0, None), (-1.0, None)])
-async def test_connect_timeout_option(api: TcpApi, model: str, seconds: float, milliseconds: int | None) -> None:
+async def test_connect_timeout_option(
+    hvs: HyperVSockets, api: TcpApi, model: hvsock.IoModel, seconds: float, milliseconds: int | None
+) -> None:
     with trio.fail_after(LIMIT):
         with socket.create_server(("127.0.0.1", 0)) as server:
             port = server.getsockname()[1]
-            stream = await hvsock.connect_hvsock(hv(f"hvsock://{VM_A}/{port}"), RouteOptions(connect_timeout=seconds))
+            stream = await hvsock.connect_hvsock(
+                hv(f"hvsock://{VM_A}/{port}"), RouteOptions(connect_timeout=seconds), hvs
+            )
             await stream.aclose()
     assert api.timeouts == ([] if milliseconds is None else [milliseconds])
 
 
-async def test_connect_re_resolves_a_recreated_vm(api: TcpApi, lookup: MutableLookup, model: str) -> None:
+async def test_connect_re_resolves_a_recreated_vm(
+    hvs: HyperVSockets, api: TcpApi, lookup: MutableLookup, model: hvsock.IoModel
+) -> None:
     with trio.fail_after(LIMIT):
         with socket.create_server(("127.0.0.1", 0)) as server:
             port = server.getsockname()[1]
             address = hv(f"hvsock://my-vm/{port}")
-            stream = await hvsock.connect_hvsock(address, RouteOptions())
+            stream = await hvsock.connect_hvsock(address, RouteOptions(), hvs)
             await stream.aclose()
             assert lookup.asked == 1
             # The VM is recreated: the cached VmId now refuses, the name has a new one.
             api.gone.add(VM_A)
             lookup.vms["my-vm"] = uuid.UUID("0b1e2f3a-0000-4000-8000-000000000001")
-            stream = await hvsock.connect_hvsock(address, RouteOptions())
+            stream = await hvsock.connect_hvsock(address, RouteOptions(), hvs)
             await stream.aclose()
             assert lookup.asked == 2
             assert api.timeouts == [5000, 5000, 5000]  # two sockets for the second connect
 
 
-async def test_connect_unavailable_without_new_vm_id(api: TcpApi, lookup: MutableLookup, model: str) -> None:
+async def test_connect_unavailable_without_new_vm_id(
+    hvs: HyperVSockets, api: TcpApi, lookup: MutableLookup, model: hvsock.IoModel
+) -> None:
     api.gone.update({VM_A, VM_B})
     with trio.fail_after(LIMIT):
         with pytest.raises(BackendUnavailable, match=r"^connect hvsock://my-vm/00000016-.*: backend unavailable \("):
-            await hvsock.connect_hvsock(hv("hvsock://my-vm/22"), RouteOptions())
+            await hvsock.connect_hvsock(hv("hvsock://my-vm/22"), RouteOptions(), hvs)
         assert lookup.asked == 2  # resolved again, still the same VmId: no second connect
         with pytest.raises(BackendUnavailable):
-            await hvsock.connect_hvsock(hv(f"hvsock://{VM_B}/22"), RouteOptions())
+            await hvsock.connect_hvsock(hv(f"hvsock://{VM_B}/22"), RouteOptions(), hvs)
         assert lookup.asked == 2  # a GUID is never resolved
 
 
-async def test_unknown_vm_name(api: TcpApi, lookup: MutableLookup, model: str) -> None:
+async def test_unknown_vm_name(hvs: HyperVSockets, api: TcpApi, lookup: MutableLookup, model: hvsock.IoModel) -> None:
     with trio.fail_after(LIMIT):
         with pytest.raises(EndpointError) as info:
-            await hvsock.connect_hvsock(hv("hvsock://db/22"), RouteOptions())
+            await hvsock.connect_hvsock(hv("hvsock://db/22"), RouteOptions(), hvs)
         assert str(info.value).startswith(
             "connect hvsock://db/00000016-facb-11e6-bd58-64006a7986d3: no Hyper-V VM is named 'db'"
         )
         with pytest.raises(EndpointError, match=r"^listen hvsock://db/.*: no Hyper-V VM is named 'db'"):
-            await hvsock.open_hvsock_listener(hv("hvsock://db/22"), RouteOptions())
+            await hvsock.open_hvsock_listener(hv("hvsock://db/22"), RouteOptions(), hvs)
 
 
-async def test_listen_on_wsl_vm(api: TcpApi, lookup: MutableLookup, model: str) -> None:
+async def test_listen_on_wsl_vm(hvs: HyperVSockets, api: TcpApi, lookup: MutableLookup, model: hvsock.IoModel) -> None:
     with trio.fail_after(LIMIT):
-        listener = await hvsock.open_hvsock_listener(hv("hvsock://wsl/0"), RouteOptions())
+        listener = await hvsock.open_hvsock_listener(hv("hvsock://wsl/0"), RouteOptions(), hvs)
         assert listener.vm_id == VM_B
         await listener.aclose()
 
 
-async def test_listen_errors(api: TcpApi, model: str) -> None:
+async def test_listen_errors(hvs: HyperVSockets, api: TcpApi, model: hvsock.IoModel) -> None:
     with trio.fail_after(LIMIT):
         with socket.create_server(("127.0.0.1", 0)) as taken:
             port = taken.getsockname()[1]
             with pytest.raises(EndpointError) as info:
-                await hvsock.open_hvsock_listener(hv(f"hvsock://any/{port}"), RouteOptions())
+                await hvsock.open_hvsock_listener(hv(f"hvsock://any/{port}"), RouteOptions(), hvs)
         assert str(info.value) == (
             f"listen hvsock://00000000-0000-0000-0000-000000000000/{service_id_for_port(port)}:"
             " address already in use; another process listens on this VmId and service GUID"
         )
         api.fail_suspend = True
         with pytest.raises(EndpointError, match=r": Protocol not available$"):
-            await hvsock.open_hvsock_listener(hv("hvsock://any/0"), RouteOptions(connected_suspend=True))
+            await hvsock.open_hvsock_listener(hv("hvsock://any/0"), RouteOptions(connected_suspend=True), hvs)
 
 
 def test_listen_messages() -> None:
@@ -899,31 +921,33 @@ def test_listen_messages() -> None:
     assert hvsock._listen_message(OSError(errno.EINVAL, "Invalid argument")) == "Invalid argument"
 
 
-async def test_socket_and_option_errors(api: TcpApi, model: str) -> None:
+async def test_socket_and_option_errors(hvs: HyperVSockets, api: TcpApi, model: hvsock.IoModel) -> None:
     with trio.fail_after(LIMIT):
         api.fail_timeout = True
         with pytest.raises(EndpointError) as info:
-            await hvsock.connect_hvsock(hv(f"hvsock://{VM_A}/22"), RouteOptions())
+            await hvsock.connect_hvsock(hv(f"hvsock://{VM_A}/22"), RouteOptions(), hvs)
         assert str(info.value).endswith(": cannot set Hyper-V socket options: Protocol not available")
         api.family = 12345
         with pytest.raises(EndpointError) as info:
-            await hvsock.connect_hvsock(hv(f"hvsock://{VM_A}/22"), RouteOptions())
+            await hvsock.connect_hvsock(hv(f"hvsock://{VM_A}/22"), RouteOptions(), hvs)
         assert "cannot create a Hyper-V socket (" in str(info.value)
         assert str(info.value).endswith(
             "); Hyper-V sockets need Windows 10 / Server 2016 or later with Hyper-V enabled"
         )
 
 
-async def test_accepted_suspend_failure_is_not_fatal(api: TcpApi, model: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_accepted_suspend_failure_is_not_fatal(
+    hvs: HyperVSockets, api: TcpApi, model: hvsock.IoModel, caplog: pytest.LogCaptureFixture
+) -> None:
     with trio.fail_after(LIMIT):
-        listener = await hvsock.open_hvsock_listener(hv("hvsock://any/0"), RouteOptions(connected_suspend=True))
+        listener = await hvsock.open_hvsock_listener(hv("hvsock://any/0"), RouteOptions(connected_suspend=True), hvs)
         api.fail_suspend = True
         streams: list[trio.abc.HalfCloseableStream] = []
         port = listener.socket.getsockname()[1]
         with caplog.at_level(logging.DEBUG, logger="hvbridge.hvsock"):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(accept_into, listener, streams)
-                streams.append(await hvsock.connect_hvsock(hv(f"hvsock://{VM_A}/{port}"), RouteOptions()))
+                streams.append(await hvsock.connect_hvsock(hv(f"hvsock://{VM_A}/{port}"), RouteOptions(), hvs))
         for stream in streams:
             await stream.aclose()
         await listener.aclose()
@@ -931,24 +955,27 @@ async def test_accepted_suspend_failure_is_not_fatal(api: TcpApi, model: str, ca
 
 
 async def test_connect_cancelled_in_thread_mode(api: TcpApi, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hvsock, "_io_probe", hvsock.IoProbe("threads", "test"))
+    hvs = HyperVSockets(io_model="threads", api=api)
     started: list[ThreadSocketStream] = []
+    scope = trio.CancelScope()
 
     async def slow_connect(self: ThreadSocketStream, address: hvsock.HvSockaddr) -> None:
         started.append(self)
+        scope.cancel()  # cancelled while connecting
         await trio.sleep_forever()
 
     monkeypatch.setattr(ThreadSocketStream, "connect", slow_connect)
     with trio.fail_after(LIMIT):
-        with trio.move_on_after(0.01) as scope:
-            await hvsock.connect_hvsock(hv(f"hvsock://{VM_A}/22"), RouteOptions())
+        with scope:
+            await hvsock.connect_hvsock(hv(f"hvsock://{VM_A}/22"), RouteOptions(), hvs)
     assert scope.cancelled_caught
     assert started[0].socket.fileno() == -1
 
 
 async def test_connect_cancelled_in_readiness_mode(api: TcpApi, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hvsock, "_io_probe", hvsock.IoProbe("readiness", "test"))
+    hvs = HyperVSockets(io_model="readiness", api=api)
     made: list[trio.socket.SocketType] = []
+    scope = trio.CancelScope()
     original = trio.socket.from_stdlib_socket
 
     def remember(sock: socket.socket) -> trio.socket.SocketType:
@@ -956,20 +983,21 @@ async def test_connect_cancelled_in_readiness_mode(api: TcpApi, monkeypatch: pyt
         return made[-1]
 
     async def never(self: trio.socket.SocketType, address: object) -> None:
+        scope.cancel()  # cancelled while connecting
         await trio.sleep_forever()
 
     monkeypatch.setattr(trio.socket, "from_stdlib_socket", remember)
     with trio.socket.socket() as probe:
         monkeypatch.setattr(type(probe), "connect", never)
     with trio.fail_after(LIMIT):
-        with trio.move_on_after(0.01) as scope:
-            await hvsock.connect_hvsock(hv(f"hvsock://{VM_A}/22"), RouteOptions())
+        with scope:
+            await hvsock.connect_hvsock(hv(f"hvsock://{VM_A}/22"), RouteOptions(), hvs)
     assert scope.cancelled_caught
     assert made[0].fileno() == -1
 
 
 async def test_io_model_probed_once_under_concurrency(api: TcpApi, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hvsock, "_io_probe", None)
+    hvs = HyperVSockets(api=api)
     monkeypatch.delenv(hvsock.IO_MODEL_ENV, raising=False)
     probes: list[hvsock.IoProbe] = []
     original = hvsock.probe_readiness
@@ -979,73 +1007,74 @@ async def test_io_model_probed_once_under_concurrency(api: TcpApi, monkeypatch: 
         return probes[-1]
 
     monkeypatch.setattr(hvsock, "probe_readiness", counting)
-    assert hvsock.unavailable_reason() is None  # the (fake) API is there
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
             for _ in range(3):
-                nursery.start_soon(hvsock.hyperv_io_model, api)
+                nursery.start_soon(hvs.io, api)
     assert len(probes) == 1
 
 
 async def test_io_model_probe_is_cached(
     api: TcpApi, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(hvsock, "_io_probe", None)
+    hvs = HyperVSockets(api=api)
     monkeypatch.delenv(hvsock.IO_MODEL_ENV, raising=False)
     with trio.fail_after(LIMIT), caplog.at_level(logging.INFO, logger="hvbridge.hvsock"):
-        first = await hvsock.hyperv_io_model(api)
+        first = await hvs.io(api)
         assert first == hvsock.IoProbe("readiness", "trio readiness waiting works (loopback probe)")
-        assert await hvsock.hyperv_io_model(api) is first
+        assert await hvs.io(api) is first
     assert caplog.text.count("hvsock I/O model: readiness") == 1
 
 
 @pytest.mark.parametrize(("value", "model"), [("threads", "threads"), (" Readiness ", "readiness")])
-async def test_io_model_forced(api: TcpApi, monkeypatch: pytest.MonkeyPatch, value: str, model: str) -> None:
-    monkeypatch.setattr(hvsock, "_io_probe", None)
+async def test_io_model_forced(api: TcpApi, monkeypatch: pytest.MonkeyPatch, value: str, model: hvsock.IoModel) -> None:
     monkeypatch.setenv(hvsock.IO_MODEL_ENV, value)
     with trio.fail_after(LIMIT):
-        probe = await hvsock.hyperv_io_model(api)
+        probe = await HyperVSockets(api=api).io(api)
     assert (probe.model, probe.reason) == (model, "set by HVBRIDGE_HVSOCK_IO")
+
+
+async def test_io_model_given_wins_over_the_environment(api: TcpApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(hvsock.IO_MODEL_ENV, "readiness")
+    with trio.fail_after(LIMIT):
+        probe = await HyperVSockets(io_model="threads", api=api).io(api)
+    assert (probe.model, probe.reason) == ("threads", "set by the caller")
 
 
 async def test_io_model_bad_env_probes(
     api: TcpApi, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(hvsock, "_io_probe", None)
     monkeypatch.setenv(hvsock.IO_MODEL_ENV, "fast")
     with trio.fail_after(LIMIT):
-        assert (await hvsock.hyperv_io_model(api)).model == "readiness"
+        assert (await HyperVSockets(api=api).io(api)).model == "readiness"
     assert "HVBRIDGE_HVSOCK_IO='fast' is not 'readiness' or 'threads'; probing" in caplog.text
 
 
 # ------------------------------------------------------------------------------ VM names
 
 
-async def test_peer_vm_allowed(lookup: MutableLookup, caplog: pytest.LogCaptureFixture) -> None:
+async def test_peer_vm_allowed(hvs: HyperVSockets, caplog: pytest.LogCaptureFixture) -> None:
     peer = (str(VM_A).upper(), str(service_id_for_port(22)))
     with trio.fail_after(LIMIT):
-        assert await hvsock.peer_vm_allowed([VM_A], peer)
-        assert await hvsock.peer_vm_allowed(["my-vm"], peer)
-        assert await hvsock.peer_vm_allowed([HV_GUID_ZERO], peer)
-        assert not await hvsock.peer_vm_allowed([VM_B, "wsl"], peer)
-        assert not await hvsock.peer_vm_allowed([VM_A], ("127.0.0.1", 22))
-        assert not await hvsock.peer_vm_allowed(["db"], peer)
-        assert await hvsock.peer_vm_allowed(["db", VM_A], peer)
+        assert await hvsock.peer_vm_allowed(hvs, [VM_A], peer)
+        assert await hvsock.peer_vm_allowed(hvs, ["my-vm"], peer)
+        assert await hvsock.peer_vm_allowed(hvs, [HV_GUID_ZERO], peer)
+        assert not await hvsock.peer_vm_allowed(hvs, [VM_B, "wsl"], peer)
+        assert not await hvsock.peer_vm_allowed(hvs, [VM_A], ("127.0.0.1", 22))
+        assert not await hvsock.peer_vm_allowed(hvs, ["db"], peer)
+        assert await hvsock.peer_vm_allowed(hvs, ["db", VM_A], peer)
     assert "allow rule vm:db cannot be resolved: no Hyper-V VM is named 'db'" in caplog.text
 
 
-async def test_resolver_setup(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hvsock, "_resolver", None)
-    default = hvsock.vm_resolver()
-    assert isinstance(default.lookup, SubprocessVmLookup)
-    assert hvsock.vm_resolver() is default
+async def test_resolver_setup() -> None:
+    assert isinstance(HyperVSockets().resolver.lookup, SubprocessVmLookup)
     fake = MutableLookup({"x": VM_A})
-    hvsock.set_vm_lookup(fake)
+    backend = Backend(vm_lookup=fake, hvsock_io="threads", splice=False)
+    assert backend.hvsock.resolver.lookup is fake
+    assert backend.hvsock.io_model == "threads"
     with trio.fail_after(LIMIT):
-        assert await hvsock.resolve_vm_id("x") == VM_A
-        assert await hvsock.resolve_vm_id(VM_B) == VM_B
-    hvsock.set_vm_lookup(None)
-    assert hvsock._resolver is None
+        assert await hvsock.resolve_vm_id("x", backend.hvsock.resolver) == VM_A
+        assert await hvsock.resolve_vm_id(VM_B, backend.hvsock.resolver) == VM_B
 
 
 # ------------------------------------------------------------- a listener follows its VM name
@@ -1080,16 +1109,16 @@ def refused(address: tuple[str, int]) -> bool:
 
 
 async def test_reload_rebinds_a_listener_whose_vm_changed(
-    api: TcpApi, wsl_restarts: tuple[MutableLookup, VmResolver], model: str
+    api: TcpApi, wsl_restarts: tuple[MutableLookup, VmResolver], model: hvsock.IoModel
 ) -> None:
     """WSL restarted (new VmId): a reload keeps the listener object but binds it to the new VmId."""
     lookup, resolver = wsl_restarts
 
-    async def open_listeners(address: object, options: RouteOptions) -> list[endpoints.Listener]:
+    async def open_listeners(address: object, options: RouteOptions) -> list[base.Listener]:
         assert isinstance(address, HyperVAddress)
-        return [await hvsock.open_hvsock_listener(address, options, resolver=resolver)]
+        return [await hvsock.open_hvsock_listener(address, options, HyperVSockets(resolver, io_model=model, api=api))]
 
-    pool = service.ListenerPool(open_listeners=open_listeners)
+    pool = ListenerPool(open_listeners=open_listeners)
     table = table_from_mapping(
         {"routes": {"in": {"listen": "hvsock://wsl/0", "connect": "tcp://127.0.0.1:9"}}}, source="test"
     )
@@ -1116,13 +1145,19 @@ async def test_reload_rebinds_a_listener_whose_vm_changed(
 
 
 async def test_idle_listener_looks_its_vm_up_again(
-    api: TcpApi, wsl_restarts: tuple[MutableLookup, VmResolver], model: str, caplog: pytest.LogCaptureFixture
+    api: TcpApi,
+    wsl_restarts: tuple[MutableLookup, VmResolver],
+    model: hvsock.IoModel,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Without any reload, a waiting accept() notices the new VmId and moves to it."""
     lookup, resolver = wsl_restarts
     with trio.fail_after(LIMIT), caplog.at_level(logging.INFO, logger="hvbridge.hvsock"):
         listener = await hvsock.open_hvsock_listener(
-            hv("hvsock://wsl/0"), RouteOptions(), resolver=resolver, recheck_interval=0.005
+            hv("hvsock://wsl/0"),
+            RouteOptions(),
+            HyperVSockets(resolver, io_model=model, api=api),
+            recheck_interval=0.005,
         )
         old_address = listener.socket.getsockname()
         async with trio.open_nursery() as nursery:
@@ -1143,11 +1178,16 @@ async def test_idle_listener_looks_its_vm_up_again(
 
 
 async def test_listener_keeps_its_socket_when_the_lookup_fails(
-    api: TcpApi, wsl_restarts: tuple[MutableLookup, VmResolver], model: str, caplog: pytest.LogCaptureFixture
+    api: TcpApi,
+    wsl_restarts: tuple[MutableLookup, VmResolver],
+    model: hvsock.IoModel,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     lookup, resolver = wsl_restarts
     with trio.fail_after(LIMIT), caplog.at_level(logging.INFO, logger="hvbridge.hvsock"):
-        listener = await hvsock.open_hvsock_listener(hv("hvsock://my-vm/0"), RouteOptions(), resolver=resolver)
+        listener = await hvsock.open_hvsock_listener(
+            hv("hvsock://my-vm/0"), RouteOptions(), HyperVSockets(resolver, io_model=model, api=api)
+        )
         del lookup.vms["my-vm"]  # the VM is gone for now
         assert not await listener.refresh()
         assert listener.vm_id == VM_A
@@ -1168,12 +1208,14 @@ async def test_listener_keeps_its_socket_when_the_lookup_fails(
 
 
 async def test_accept_error_looks_the_vm_up_again(
-    api: TcpApi, wsl_restarts: tuple[MutableLookup, VmResolver], model: str
+    api: TcpApi, wsl_restarts: tuple[MutableLookup, VmResolver], model: hvsock.IoModel
 ) -> None:
     """An accept() error on a VM name's socket: if the VmId changed, listen on the new one; else raise."""
     lookup, resolver = wsl_restarts
     with trio.fail_after(LIMIT):
-        listener = await hvsock.open_hvsock_listener(hv("hvsock://wsl/0"), RouteOptions(), resolver=resolver)
+        listener = await hvsock.open_hvsock_listener(
+            hv("hvsock://wsl/0"), RouteOptions(), HyperVSockets(resolver, io_model=model, api=api)
+        )
         lookup.vms["wsl"] = VM_C
         listener.socket.shutdown(socket.SHUT_RDWR)  # accept() now fails with EINVAL
         async with trio.open_nursery() as nursery:
@@ -1190,12 +1232,15 @@ async def test_accept_error_looks_the_vm_up_again(
         await listener.aclose()
 
 
-async def test_guid_listener_never_looks_up(api: TcpApi, model: str) -> None:
+async def test_guid_listener_never_looks_up(api: TcpApi, model: hvsock.IoModel) -> None:
     lookup = MutableLookup({})
     resolver = VmResolver(lookup)
     with trio.fail_after(LIMIT):
         listener = await hvsock.open_hvsock_listener(
-            hv(f"hvsock://{VM_A}/0"), RouteOptions(), resolver=resolver, recheck_interval=0.001
+            hv(f"hvsock://{VM_A}/0"),
+            RouteOptions(),
+            HyperVSockets(resolver, io_model=model, api=api),
+            recheck_interval=0.001,
         )
         assert not await listener.refresh()
         await connect_and_accept(listener)

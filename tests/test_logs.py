@@ -18,6 +18,7 @@ import trio
 
 from hvbridge import service
 from hvbridge.addresses import TcpAddress
+from hvbridge.cli import run_daemon
 from hvbridge.errors import ConfigError
 from hvbridge.logs import LOG_FILE_BACKUPS, LOG_FILE_MAX_BYTES, LOGGER, event, setup_logging
 from hvbridge.routes import BridgeSettings, Route, RouteTable
@@ -75,7 +76,7 @@ def _table(log_file: str | None, source: str = "routes.toml") -> RouteTable:
 def test_run_refuses_a_log_file_it_cannot_open(tmp_path: Path) -> None:
     missing = str(tmp_path / "missing" / "hvbridge.log")
     with pytest.raises(ConfigError) as info:
-        service.run(_table(missing))
+        run_daemon(_table(missing))
     assert str(info.value) == (
         f"routes.toml: bridge.log_file: cannot open {missing!r}: No such file or directory;"
         " create its directory or give a path the account running hvbridge may write"
@@ -84,7 +85,7 @@ def test_run_refuses_a_log_file_it_cannot_open(tmp_path: Path) -> None:
 
 def test_run_refuses_a_log_file_with_workers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        service.run(_table(str(tmp_path / "hvbridge.log")), workers=2)
+        run_daemon(_table(str(tmp_path / "hvbridge.log")), workers=2)
     assert str(info.value) == (
         "routes.toml: bridge.log_file: cannot be used with --workers (the worker processes log to stderr);"
         " remove one of them"

@@ -15,12 +15,13 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from hvbridge import __version__, endpoints, metrics
+from hvbridge import __version__, metrics
 from hvbridge.addresses import TcpAddress, UnixAddress, parse_address
 from hvbridge.metrics import Exposition, handle_request, probe, serve_metrics
-from hvbridge.relay import Transfer
+from hvbridge.relay.ends import EndReason, Transfer
 from hvbridge.stats import CONNECT_LATENCY_BUCKETS, RouteStatistics, merge, merge_all, retired
 from hvbridge.supervisor import RouteCounters
+from hvbridge.transports import base
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -31,7 +32,7 @@ NO_BUCKETS = (0,) * (len(CONNECT_LATENCY_BUCKETS) + 1)
 def _stats() -> RouteStatistics:
     """One route's counters, with connects of 2 ms and 20 s in the latency histogram."""
     counters = RouteCounters(accepted=3, refused=1, failed=1, bytes_in=100, bytes_out=2000)
-    counters.closed.update({"closed": 1, "refused by allow list": 1})
+    counters.closed.update({EndReason.CLOSED.label: 1, EndReason.REFUSED_BY_ALLOW_LIST.label: 1})
     counters.live.add(Transfer())
     counters.observe_connect(0.002)
     counters.observe_connect(20.0)
@@ -87,7 +88,7 @@ def test_exposition_of_a_process_group() -> None:
 
 def test_merge_adds_every_counter() -> None:
     a = _stats()
-    b = RouteStatistics(1, 2, 0, 0, 5, 6, {"closed": 2, "idle timeout": 1})
+    b = RouteStatistics(1, 2, 0, 0, 5, 6, {EndReason.CLOSED.label: 2, EndReason.IDLE_TIMEOUT.label: 1})
     total = merge(a, b)
     assert total.accepted == 4
     assert total.active == 3
@@ -95,7 +96,11 @@ def test_merge_adds_every_counter() -> None:
     assert total.failed == 1
     assert total.bytes_in == 105
     assert total.bytes_out == 2006
-    assert total.closed == {"closed": 3, "refused by allow list": 1, "idle timeout": 1}
+    assert total.closed == {
+        EndReason.CLOSED.label: 3,
+        EndReason.REFUSED_BY_ALLOW_LIST.label: 1,
+        EndReason.IDLE_TIMEOUT.label: 1,
+    }
     assert total.connect_buckets == a.connect_buckets
     assert total.connect_seconds == a.connect_seconds
 
@@ -195,7 +200,7 @@ async def _serve(address: str, nursery: trio.Nursery, listeners: dict[str, int])
 
     bound = await nursery.start(serve_metrics, parse_address(address), render)
 
-    return endpoints.listener_address(bound[0])
+    return base.listener_address(bound[0])
 
 
 async def test_serve_and_probe_tcp(nursery: trio.Nursery) -> None:
@@ -257,7 +262,6 @@ async def test_probe_a_server_that_never_answers(
     async def connect(address: object, options: object) -> trio.abc.HalfCloseableStream:
         return client
 
-    monkeypatch.setattr(endpoints, "connect", connect)
     address = TcpAddress("127.0.0.1", 9)
     with trio.fail_after(metrics.PROBE_TIMEOUT + 1):
-        assert await probe(address, []) == [f"{address}: no answer within 5s"]
+        assert await probe(address, [], connect) == [f"{address}: no answer within 5s"]

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from hvbridge import endpoints
 from hvbridge.addresses import parse_address
-from hvbridge.endpoints import ThreadFdStream, error_text, translate_connect_error, unavailable_reason
+from hvbridge.backend import Backend
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable
 from hvbridge.routes import RouteOptions
+from hvbridge.transports import unavailable_reason
+from hvbridge.transports.base import error_text, translate_connect_error
+from hvbridge.transports.stdio import ThreadFdStream
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -143,6 +145,6 @@ async def test_unix_listen_and_connect_without_af_unix_fail_clearly(monkeypatch:
     address = parse_address("unix:///tmp/hvbridge-never-made.sock")
     monkeypatch.delattr(socket, "AF_UNIX")
     with pytest.raises(AddressFamilyUnavailable, match="AF_UNIX"):
-        await endpoints.open_listeners(address, RouteOptions())
+        await Backend().open_listeners(address, RouteOptions())
     with pytest.raises(AddressFamilyUnavailable, match="AF_UNIX"):
-        await endpoints.connect(address, RouteOptions())
+        await Backend().connect(address, RouteOptions())

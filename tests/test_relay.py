@@ -22,8 +22,11 @@ import trio.testing
 from support.settle import settled
 from trio.testing import MemoryReceiveStream, MemorySendStream, memory_stream_pump
 
-from hvbridge import splice
-from hvbridge.relay import DEFAULT_BUFFER_SIZE, BufferPool, Transfer, abort, buffer_pool, relay
+from hvbridge.backend import Backend
+from hvbridge.relay import relay, splice
+from hvbridge.relay.ends import EndReason, Side, Transfer, eof_end, failure_end
+from hvbridge.relay.pump import DEFAULT_BUFFER_SIZE, BufferPool
+from hvbridge.transports.base import abort
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -39,23 +42,20 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 # ------------------------------------------------------------------------------------ helpers
 
 
-def use_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make two socket streams take the recv_into path, or the splice path (Linux)."""
-    if path == "recv_into":
-        monkeypatch.setattr(splice, "enabled", False)
-    elif not splice.enabled:  # pragma: no cover - Linux only
+def use_path(path: str) -> bool:
+    """relay()'s `splice` for two socket streams on the recv_into path, or the splice path (Linux)."""
+    if path == "splice" and not splice.enabled:  # pragma: no cover - Linux only
         pytest.skip("splice() and epoll are Linux only")
+    return path == "splice"
 
 
 @pytest.fixture(params=["recv_into", "splice"])
-def socket_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def spliced(request: pytest.FixtureRequest) -> bool:
     """Run a test with two socket streams on each relay path: recv_into, and splice (Linux).
 
     Streams that are not both TCP/Unix sockets always take the recv_into path.
     """
-    path: str = request.param
-    use_path(path, monkeypatch)
-    return path
+    return use_path(request.param)
 
 
 def random_chunk_pair(rng: random.Random) -> tuple[MemoryStream, MemoryStream]:
@@ -202,6 +202,7 @@ async def run_relay(
     half_close: bool = True,
     idle_timeout: float = 0.0,
     pool: BufferPool | None = None,
+    spliced: bool = True,
 ) -> tuple[Transfer, trio.Event]:
     """Start relay() in `nursery`; return its live Transfer and an Event set when it returns."""
     transfer = Transfer()
@@ -209,7 +210,13 @@ async def run_relay(
 
     async def run() -> None:
         result = await relay(
-            client, backend, half_close=half_close, idle_timeout=idle_timeout, pool=pool, transfer=transfer
+            client,
+            backend,
+            half_close=half_close,
+            idle_timeout=idle_timeout,
+            pool=pool,
+            transfer=transfer,
+            splice=spliced,
         )
         assert result is transfer
         done.set()
@@ -261,8 +268,8 @@ async def test_bytes_complete_and_in_order_both_ways_in_random_chunks(seed: int)
         ("memory-to-socket", "recv_into"),
     ],
 )
-async def test_bytes_complete_and_in_order_over_sockets(kind: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    use_path(path, monkeypatch)
+async def test_bytes_complete_and_in_order_over_sockets(kind: str, path: str) -> None:
+    spliced = use_path(path)
     rng = random.Random(kind)
     client: Stream
     client_relay_end: Stream
@@ -287,7 +294,7 @@ async def test_bytes_complete_and_in_order_over_sockets(kind: str, path: str, mo
 
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            transfer, done = await run_relay(nursery, client_relay_end, backend_relay_end, pool=pool)
+            transfer, done = await run_relay(nursery, client_relay_end, backend_relay_end, pool=pool, spliced=spliced)
             nursery.start_soon(send_in_chunks, client, upload, random.Random(1))
             nursery.start_soon(send_in_chunks, backend, download, random.Random(2))
             nursery.start_soon(collect, "backend", backend)
@@ -337,12 +344,12 @@ async def test_eof_is_passed_on_while_the_other_direction_keeps_flowing(first: s
     await assert_closed(backend_relay_end)
 
 
-async def test_eof_over_sockets_is_a_write_shutdown(socket_path: str) -> None:
+async def test_eof_over_sockets_is_a_write_shutdown(spliced: bool) -> None:
     client, client_relay_end = await tcp_pair()
     backend_relay_end, backend = await tcp_pair()
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            transfer, done = await run_relay(nursery, client_relay_end, backend_relay_end)
+            transfer, done = await run_relay(nursery, client_relay_end, backend_relay_end, spliced=spliced)
             await client.send_all(b"GET /")
             await client.send_eof()
             assert await receive_all(backend) == b"GET /"
@@ -542,13 +549,13 @@ async def test_a_socket_closed_under_the_relay_ends_it() -> None:
 
 
 @pytest.mark.parametrize("side", ["client", "backend"])
-async def test_a_tcp_reset_is_passed_on_as_a_reset(side: str, socket_path: str) -> None:
+async def test_a_tcp_reset_is_passed_on_as_a_reset(side: str, spliced: bool) -> None:
     client, client_relay_end = await tcp_pair()
     backend_relay_end, backend = await tcp_pair()
     resetting, other = (client, backend) if side == "client" else (backend, client)
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            transfer, done = await run_relay(nursery, client_relay_end, backend_relay_end)
+            transfer, done = await run_relay(nursery, client_relay_end, backend_relay_end, spliced=spliced)
             await client.send_all(b"hello")
             assert await receive_exactly(backend, 5) == b"hello"
             await backend.send_all(b"world")
@@ -691,14 +698,14 @@ async def test_half_closed_connection_still_times_out(autojump_clock: trio.testi
     assert transfer.reason == "idle timeout"
 
 
-async def test_an_idle_socket_connection_holds_no_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(splice, "enabled", False)  # the recv_into path; splice.py pools pipes
+async def test_an_idle_socket_connection_holds_no_buffer() -> None:
     client, client_relay_end = unix_pair()
     backend_relay_end, backend = unix_pair()
     pool = prefilled_pool(8192, 4)
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            transfer, _ = await run_relay(nursery, client_relay_end, backend_relay_end, pool=pool)
+            # The recv_into path; splice.py pools pipes.
+            transfer, _ = await run_relay(nursery, client_relay_end, backend_relay_end, pool=pool, spliced=False)
             for _ in range(3):
                 await client.send_all(b"q" * 20_000)
                 assert await receive_exactly(backend, 20_000) == b"q" * 20_000
@@ -718,7 +725,7 @@ async def test_an_idle_socket_connection_holds_no_buffer(monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("kind", ["memory", "socket"])
-async def test_cancellation_from_outside_closes_both(kind: str, socket_path: str) -> None:
+async def test_cancellation_from_outside_closes_both(kind: str, spliced: bool) -> None:
     client_relay_end: Stream
     backend_relay_end: Stream
     peers: list[Stream]
@@ -732,7 +739,7 @@ async def test_cancellation_from_outside_closes_both(kind: str, socket_path: str
         peers = [unix_client, unix_backend]
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            transfer, done = await run_relay(nursery, client_relay_end, backend_relay_end)
+            transfer, done = await run_relay(nursery, client_relay_end, backend_relay_end, spliced=spliced)
             await peers[0].send_all(b"half a request")
             await settled()
             nursery.cancel_scope.cancel()
@@ -796,7 +803,45 @@ def test_buffer_pool_reuses_and_caps_free_buffers() -> None:
 
 
 def test_buffer_pool_is_one_per_size() -> None:
-    assert buffer_pool() is buffer_pool(DEFAULT_BUFFER_SIZE)
-    assert buffer_pool(1234) is buffer_pool(1234)
-    assert buffer_pool(1234) is not buffer_pool()
-    assert buffer_pool(1234).size == 1234
+    backend = Backend()
+    assert backend.buffer_pool() is backend.buffer_pool(DEFAULT_BUFFER_SIZE)
+    assert backend.buffer_pool(1234) is backend.buffer_pool(1234)
+    assert backend.buffer_pool(1234) is not backend.buffer_pool()
+    assert backend.buffer_pool(1234).size == 1234
+    assert Backend().buffer_pool() is not backend.buffer_pool()  # one set per Backend
+
+
+# ------------------------------------------------------------------ ends.py: the end-of-relay rules
+
+
+@pytest.mark.parametrize(
+    ("side", "half_close", "open_directions", "end"),
+    [
+        ("client", False, 1, EndReason.CLOSED_BY_CLIENT),
+        ("backend", False, 1, EndReason.CLOSED_BY_BACKEND),
+        ("client", True, 1, None),
+        ("backend", True, 0, EndReason.CLOSED),
+    ],
+)
+def test_eof_end(side: Side, half_close: bool, open_directions: int, end: EndReason | None) -> None:
+    assert eof_end(side, half_close=half_close, directions_open=open_directions) is end
+
+
+def test_failure_end_tells_a_reset_from_an_error() -> None:
+    reset = OSError(errno.ECONNRESET, "Connection reset by peer")
+    assert failure_end("backend", trio.BrokenResourceError("x")) == (EndReason.RESET_BY_BACKEND, "")
+    wrapped = trio.BrokenResourceError("broken")
+    wrapped.__cause__ = reset
+    assert failure_end("client", wrapped) == (EndReason.RESET_BY_CLIENT, "")
+    refused = OSError(errno.EACCES, "Permission denied")
+    assert failure_end("client", refused) == (EndReason.CLIENT_ERROR, "EACCES Permission denied")
+
+
+def test_end_reason_text_label_and_transfer_reason() -> None:
+    assert EndReason.CLOSED_BY_CLIENT.label == "closed_by_client"
+    assert EndReason.CONNECT_FAILED.not_relayed
+    assert not EndReason.CLOSED.not_relayed
+    transfer = Transfer()
+    assert transfer.reason == ""
+    transfer.end, transfer.detail = EndReason.CONNECT_FAILED, "timed out after 0.5s"
+    assert transfer.reason == "connect failed: timed out after 0.5s"

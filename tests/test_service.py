@@ -1,4 +1,4 @@
-"""service.py in this process: reload, graceful shutdown, signals, --watch, the listener pool.
+"""service.py in this process (reload, graceful shutdown, signals, --watch) and listeners.py.
 
 Routes run on loopback (127.0.0.1 port 0, Unix sockets in tmp_path) to an echo backend in the
 test's nursery; every test is bounded by trio.fail_after. Signals are real (os.kill on this
@@ -21,23 +21,16 @@ import attrs
 import pytest
 import trio
 
-from hvbridge import endpoints, service
+from hvbridge import service, transports
 from hvbridge.addresses import HyperVAddress, TcpAddress, UnixAddress, VsockAddress, parse_address
+from hvbridge.backend import Backend
+from hvbridge.engine import LocalEngine
 from hvbridge.errors import ConfigError, EndpointError, Problem
+from hvbridge.listeners import Inherited, ListenerPool, inherit, listener_from_fd, pool_key
 from hvbridge.routes import BridgeSettings, Route, RouteOptions, RouteTable
-from hvbridge.service import (
-    Inherited,
-    ListenerPool,
-    Service,
-    check_families,
-    file_signature,
-    inherit,
-    listener_from_fd,
-    pool_key,
-    serve,
-    watch_file,
-)
+from hvbridge.service import Service, check_families, file_signature, serve, watch_file
 from hvbridge.systemd import ActivatedSocket, Notifier
+from hvbridge.transports import base
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -78,8 +71,8 @@ def table(*routes: Route, grace: float = 10.0, metrics: str | None = None) -> Ro
 def bound(svc: Service, name: str) -> Address:
     """Where route `name` listens now."""
     engine = svc.engine
-    assert isinstance(engine, service.LocalEngine)
-    return parse_address(endpoints.listener_address(engine.running[name].listeners[0]))
+    assert isinstance(engine, LocalEngine)
+    return parse_address(base.listener_address(engine.running[name].listeners[0]))
 
 
 async def connect(address: Address) -> trio.SocketStream:
@@ -170,7 +163,7 @@ async def test_reload_adds_removes_and_changes_routes(nursery: trio.Nursery) -> 
         first = table(route("keep", backend), route("change", backend), route("drop", backend))
         svc = await start(nursery, first, loader)
         engine = svc.engine
-        assert isinstance(engine, service.LocalEngine)
+        assert isinstance(engine, LocalEngine)
         keep, change, drop = bound(svc, "keep"), bound(svc, "change"), bound(svc, "drop")
         keep_listener = engine.running["keep"].listeners[0]
         change_listener = engine.running["change"].listeners[0]
@@ -231,7 +224,7 @@ async def test_reload_that_cannot_bind_keeps_the_table(nursery: trio.Nursery, ca
         loader = Loader()
         svc = await start(nursery, table(route("web", backend)), loader)
         engine = svc.engine
-        assert isinstance(engine, service.LocalEngine)
+        assert isinstance(engine, LocalEngine)
         loader.results.append(
             table(
                 route("web", backend, options=RouteOptions(connect_timeout=1.0)),
@@ -343,7 +336,7 @@ async def test_reload_of_a_family_this_os_lacks(nursery: trio.Nursery, caplog: p
         hyperv = Route("vm", parse_address("tcp://127.0.0.1:0"), parse_address("hvsock://loopback/22"))
         svc = await start(nursery, table(route("web", backend)), Loader([table(route("web", backend), hyperv)]))
         with caplog.at_level(logging.ERROR, "hvbridge"):
-            if endpoints.unavailable_reason(hyperv.connect) is None:  # pragma: no cover - Windows
+            if transports.unavailable_reason(hyperv.connect) is None:  # pragma: no cover - Windows
                 pytest.skip("Hyper-V sockets exist here")
             assert not await svc.reload()
         assert "routes.vm.connect" in caplog.records[-1].getMessage()
@@ -420,11 +413,11 @@ async def test_reload_moves_the_metrics_endpoint(nursery: trio.Nursery) -> None:
         first = table(route("web", backend), metrics="tcp://127.0.0.1:0")
         loader = Loader([table(route("web", backend), metrics="tcp://127.0.0.2:0"), table(route("web", backend))])
         svc = await start(nursery, first, loader)
-        old = parse_address(endpoints.listener_address(svc.metrics_listeners[0]))
+        old = parse_address(base.listener_address(svc.metrics_listeners[0]))
         assert isinstance(old, TcpAddress)
         await assert_metrics(old, 'hvbridge_route_listeners{route="web"} 1.0')
         assert await svc.reload()
-        new = parse_address(endpoints.listener_address(svc.metrics_listeners[0]))
+        new = parse_address(base.listener_address(svc.metrics_listeners[0]))
         assert isinstance(new, TcpAddress)
         assert new.host == "127.0.0.2"
         await assert_metrics(new, 'hvbridge_route_listeners{route="web"} 1.0')
@@ -449,7 +442,7 @@ async def test_reload_keeps_metrics_where_it_cannot_move(
         with caplog.at_level(logging.ERROR, "hvbridge"):
             assert await svc.reload()
         assert caplog.records[-1].getMessage().startswith("metrics not moved: listen ")
-        old = parse_address(endpoints.listener_address(svc.metrics_listeners[0]))
+        old = parse_address(base.listener_address(svc.metrics_listeners[0]))
         assert isinstance(old, TcpAddress)
         await assert_metrics(old, "hvbridge_connections_active")
         busy.close()
@@ -490,7 +483,7 @@ async def test_metrics_count_the_traffic(nursery: trio.Nursery) -> None:
 def engine_idle(svc: Service) -> bool:
     """No connection is open in the service's (local) engine."""
     engine = svc.engine
-    assert isinstance(engine, service.LocalEngine)
+    assert isinstance(engine, LocalEngine)
     return engine.supervisor.active == 0
 
 
@@ -624,7 +617,7 @@ async def test_signals(nursery: trio.Nursery, tmp_path: Path) -> None:
 
         svc = await nursery.start(run)
         engine = svc.engine
-        assert isinstance(engine, service.LocalEngine)
+        assert isinstance(engine, LocalEngine)
         os.kill(os.getpid(), signal.SIGHUP)
         await wait_until(lambda: "new" in engine.running)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -642,7 +635,7 @@ async def test_start_fails_when_a_listener_cannot_open(tmp_path: Path) -> None:
 async def test_check_families() -> None:
     hyperv = parse_address("hvsock://loopback/22")
     assert isinstance(hyperv, HyperVAddress)
-    if endpoints.unavailable_reason(hyperv) is None:  # pragma: no cover - Windows
+    if transports.unavailable_reason(hyperv) is None:  # pragma: no cover - Windows
         pytest.skip("Hyper-V sockets exist here")
     check_families(table(route("ok", TcpAddress("127.0.0.1", 1))))
     bad = Route("vm", hyperv, hyperv)
@@ -670,17 +663,17 @@ async def test_a_failing_route_stops_alone(nursery: trio.Nursery, caplog: pytest
     with trio.fail_after(TIMEOUT):
         backend = await echo_backend(nursery)
 
-        async def open_listeners(address: Address, options: RouteOptions) -> list[endpoints.Listener]:
+        async def open_listeners(address: Address, options: RouteOptions) -> list[base.Listener]:
             if address == parse_address("unix:@hvbridge-test-broken"):
                 return [BrokenListener()]
-            return await endpoints.open_listeners(address, options)
+            return await Backend().open_listeners(address, options)
 
         pool = ListenerPool(open_listeners=open_listeners)
         broken = route("broken", backend, listen="unix:@hvbridge-test-broken")
         with caplog.at_level(logging.ERROR, "hvbridge"):
             svc = await start(nursery, table(route("web", backend), broken), pool=pool)
             engine = svc.engine
-            assert isinstance(engine, service.LocalEngine)
+            assert isinstance(engine, LocalEngine)
             await wait_until(lambda: "broken" not in engine.running)
         assert "route stopped: " in caplog.records[-1].getMessage()
         await assert_serves(bound(svc, "web"))
@@ -716,7 +709,7 @@ async def test_inherited_sockets_by_name_and_by_address(nursery: trio.Nursery) -
         routes = table(route("web", backend, listen="tcp://127.0.0.1:1"), route("other", backend, listen=by_address))
         svc = await start(nursery, routes, pool=pool)
         engine = svc.engine
-        assert isinstance(engine, service.LocalEngine)
+        assert isinstance(engine, LocalEngine)
         assert [engine.running[n].listeners[0] for n in ("web", "other")] == [i.listener for i in pool.inherited]
         assert pool.opened == {}
         await assert_serves(bound(svc, "web"))

@@ -5,7 +5,7 @@ pulls from a memory channel; an accept_hook can fail it), backends come from Fak
 (memory streams, or a planned failure or hang per attempt). Time runs on the autojump clock,
 so timeouts and backoff delays are checked exactly and no test sleeps for real. A few tests
 at the end use real loopback sockets (127.0.0.1, port 0, Unix sockets in tmp_path) through
-endpoints.py. Every test is bounded with trio.fail_after.
+transports/. Every test is bounded with trio.fail_after.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ import trio
 import trio.testing
 from trio.testing import MemoryReceiveStream, MemorySendStream
 
-from hvbridge import endpoints
 from hvbridge.addresses import Address, TcpAddress, UnixAddress
+from hvbridge.backend import Backend
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.logs import LOGGER
+from hvbridge.relay.ends import EndReason
 from hvbridge.routes import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.supervisor import Supervisor, is_allowed, serve_routes
+from hvbridge.transports import base
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
@@ -178,9 +180,9 @@ async def start(
     """Run serve_routes over fake listeners and backends in `nursery`."""
     by_address = {route.listen: listeners for route, listeners in routes}
 
-    async def open_listeners(address: Address, options: RouteOptions) -> list[endpoints.Listener]:
+    async def open_listeners(address: Address, options: RouteOptions) -> list[base.Listener]:
         await trio.lowlevel.checkpoint()
-        opened: list[endpoints.Listener] = []
+        opened: list[base.Listener] = []
         opened.extend(by_address[address])
         return opened
 
@@ -282,7 +284,12 @@ async def test_connect_timeout_closes_the_client_and_the_route_keeps_serving(
                 await client.send_all(b"anyone there?")
             await trio.testing.wait_all_tasks_blocked()
             stats = supervisor.statistics()["r"]
-            assert (stats.accepted, stats.active, stats.failed, stats.closed) == (1, 0, 1, {"connect failed": 1})
+            assert (stats.accepted, stats.active, stats.failed, stats.closed) == (
+                1,
+                0,
+                1,
+                {EndReason.CONNECT_FAILED.label: 1},
+            )
 
             second = listener.dial()
             _, backend = await backends.next()
@@ -500,7 +507,7 @@ async def test_a_refused_peer_is_closed_counted_and_logged(
             await roundtrip(allowed, backend)
             stats = supervisor.statistics()["r"]
             assert (stats.accepted, stats.refused, stats.failed, stats.active) == (3, 2, 0, 1)
-            assert stats.closed == {"refused by allow list": 2}
+            assert stats.closed == {EndReason.REFUSED_BY_ALLOW_LIST.label: 2}
             nursery.cancel_scope.cancel()
     assert len(backends.attempts) == 1  # refused peers never reach the backend
     refusals = [r for r in caplog.records if r.getMessage() == "connection closed"][:2]
@@ -540,7 +547,7 @@ async def test_statistics_count_connections_and_bytes(autojump_clock: trio.testi
             await trio.testing.wait_all_tasks_blocked()
             stats = supervisor.statistics()["r"]
             assert (stats.accepted, stats.active, stats.bytes_in, stats.bytes_out) == (1, 0, 10, 20)
-            assert stats.closed == {"closed": 1}
+            assert stats.closed == {EndReason.CLOSED.label: 1}
             assert supervisor.active == 0
             nursery.cancel_scope.cancel()
 
@@ -691,7 +698,7 @@ async def test_listening_lines_and_the_open_listener_warning(
             supervisor = await start(nursery, (route, [listener]), backends=FakeBackends())
             assert supervisor.listeners == {"web": [listener]}
             nursery.cancel_scope.cancel()
-    listen = endpoints.sockaddr_text(*bound)
+    listen = base.sockaddr_text(*bound)
     (up,) = [r for r in caplog.records if r.getMessage() == "listening"]
     assert fields(up) == {"route": "web", "listen": listen, "connect": "tcp://backend.test:8080"}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -721,7 +728,7 @@ async def test_a_route_that_cannot_listen_stops_serve_routes_and_closes_the_othe
     opened = FakeListener("first")
     error = EndpointError("unix:///fake/second", "listen", "address already in use")
 
-    async def open_listeners(address: Address, options: RouteOptions) -> list[endpoints.Listener]:
+    async def open_listeners(address: Address, options: RouteOptions) -> list[base.Listener]:
         await trio.lowlevel.checkpoint()
         if address == UnixAddress("/fake/second"):
             raise error
@@ -764,7 +771,7 @@ async def test_serve_route_leaves_listeners_it_was_given_open(autojump_clock: tr
             await client.send_eof()
             await backend.send_eof()
             await supervisor.wait_idle()
-    assert supervisor.statistics()["r"].closed == {"closed": 1}
+    assert supervisor.statistics()["r"].closed == {EndReason.CLOSED.label: 1}
 
 
 # ------------------------------------------------------------------------ real loopback sockets
@@ -782,7 +789,7 @@ async def test_end_to_end_tcp_to_unix(tmp_path: Path, caplog: pytest.LogCaptureF
     route = Route("e2e", TcpAddress("127.0.0.1", 0), backend_address)
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
-            echo_listeners = await endpoints.open_listeners(backend_address, RouteOptions())
+            echo_listeners = await Backend().open_listeners(backend_address, RouteOptions())
             await nursery.start(trio.serve_listeners, _echo, echo_listeners)
             supervisor: Supervisor = await nursery.start(serve_routes, RouteTable((route,)))
             (listener,) = supervisor.listeners["e2e"]
@@ -848,7 +855,7 @@ V1_HEADER: Final = b"PROXY TCP4 10.1.2.3 192.0.2.1 4000 443\r\n"
 async def test_proxy_protocol_header_goes_first_and_the_splice_path_is_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from hvbridge import splice
+    from hvbridge.relay import splice
 
     spliced: list[bool] = []
 
@@ -1036,7 +1043,7 @@ async def test_a_backend_that_fails_the_header_send_closes_the_client(
     )
 
 
-async def _listeners(listener: FakeListener) -> list[endpoints.Listener]:
+async def _listeners(listener: FakeListener) -> list[base.Listener]:
     await trio.lowlevel.checkpoint()
     return [listener]
 

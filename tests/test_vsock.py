@@ -1,4 +1,4 @@
-"""Tests for hvbridge.vsock on the host: options, errors, and hybrid vsock against a fake VMM.
+"""Tests for hvbridge.transports.vsock and vsock_mux on the host: options, errors, and hybrid vsock against a fake VMM.
 
 Rules for this module:
 - No AF_VSOCK connection is ever made here: this machine's CID 2 is infrastructure that is not
@@ -37,12 +37,12 @@ import trio.testing
 from integration.support import Processes, open_stream
 from support.processes import STOP_TIMEOUT
 
-from hvbridge import vsock
 from hvbridge.addresses import VMADDR_CID_ANY, VMADDR_PORT_ANY, VsockAddress, VsockMuxAddress, parse_address
-from hvbridge.endpoints import listener_address
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
 from hvbridge.relay import relay
 from hvbridge.routes import RouteOptions
+from hvbridge.transports import vsock, vsock_mux
+from hvbridge.transports.base import listener_address
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -701,7 +701,7 @@ async def test_mux_connect_sends_connect_and_keeps_the_guests_first_bytes(firecr
     firecracker.guest_listen(52, sshd_like)
     address = VsockMuxAddress(firecracker.uds_path, 52)
     with trio.fail_after(LIMIT):
-        stream = await vsock.connect_mux(address, RouteOptions())
+        stream = await vsock_mux.connect_mux(address, RouteOptions())
         async with stream:
             got = b""
             for _ in range(len(banner)):
@@ -726,7 +726,7 @@ async def test_mux_connect_writes_the_connect_line_in_one_write(short_tmp: Path,
     listener = await _unix_listener(path)
     await nursery.start(trio.serve_listeners, answer, [listener])
     with trio.fail_after(LIMIT):
-        stream = await vsock.connect_mux(VsockMuxAddress(str(path), 4294967294), RouteOptions())
+        stream = await vsock_mux.connect_mux(VsockMuxAddress(str(path), 4294967294), RouteOptions())
         async with stream:
             assert await stream.receive_some(CHUNK) == b"guest-bytes"
     assert firsts == [b"CONNECT 4294967294\n"]
@@ -742,7 +742,7 @@ async def _unix_listener(path: Path) -> trio.SocketListener:
 async def test_mux_connect_to_a_port_nobody_listens_on_is_refused(firecracker: FakeFirecracker) -> None:
     address = VsockMuxAddress(firecracker.uds_path, 53)
     with trio.fail_after(LIMIT), pytest.raises(BackendUnavailable) as info:
-        await vsock.connect_mux(address, RouteOptions())
+        await vsock_mux.connect_mux(address, RouteOptions())
     assert str(info.value) == (
         f"connect vsock-mux://{firecracker.uds_path}:53: backend unavailable (the VMM closed the connection:"
         " nothing listens on port 53 in the guest)"
@@ -753,7 +753,7 @@ async def test_mux_connect_to_a_port_nobody_listens_on_is_refused(firecracker: F
 async def test_mux_connect_without_a_vmm_socket(short_tmp: Path) -> None:
     path = short_tmp / "v.sock"
     with trio.fail_after(LIMIT), pytest.raises(BackendUnavailable) as info:
-        await vsock.connect_mux(VsockMuxAddress(str(path), 52), RouteOptions())
+        await vsock_mux.connect_mux(VsockMuxAddress(str(path), 52), RouteOptions())
     assert str(info.value) == (
         f"connect vsock-mux://{path}:52: backend unavailable (cannot reach the VMM's vsock socket {path}"
         " (No such file or directory); is the VM running, and is this its vsock uds_path?)"
@@ -772,7 +772,7 @@ async def test_mux_connect_refused_by_permissions_is_an_error(short_tmp: Path, m
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     with pytest.raises(EndpointError) as info:
-        await vsock.connect_mux(VsockMuxAddress(path, 52), RouteOptions())
+        await vsock_mux.connect_mux(VsockMuxAddress(path, 52), RouteOptions())
     assert type(info.value) is EndpointError
     assert info.value.message == (
         f"cannot reach the VMM's vsock socket {path} (Permission denied); is the VM running, and is this its"
@@ -784,7 +784,7 @@ async def test_mux_connect_when_the_socket_cannot_be_created(monkeypatch: pytest
     trio.socket.set_custom_socket_factory(RefusingSocketFactory(errno.EMFILE))
     try:
         with pytest.raises(EndpointError, match=r"^connect vsock-mux:///x:1: cannot create a Unix socket: "):
-            await vsock.connect_mux(VsockMuxAddress("/x", 1), RouteOptions())
+            await vsock_mux.connect_mux(VsockMuxAddress("/x", 1), RouteOptions())
     finally:
         trio.socket.set_custom_socket_factory(None)
 
@@ -801,7 +801,7 @@ async def test_mux_connect_to_a_silent_vmm_times_out(
     await nursery.start(trio.serve_listeners, silent, [listener])
     start = trio.current_time()
     with trio.fail_after(LIMIT), pytest.raises(BackendUnavailable) as info:
-        await vsock.connect_mux(VsockMuxAddress(str(path), 52), RouteOptions(connect_timeout=5.0))
+        await vsock_mux.connect_mux(VsockMuxAddress(str(path), 52), RouteOptions(connect_timeout=5.0))
     assert trio.current_time() - start == pytest.approx(5.0)
     assert str(info.value) == (
         f"connect vsock-mux://{path}:52: backend unavailable (no answer to CONNECT 52 within 5s; is the guest up,"
@@ -831,7 +831,7 @@ async def test_mux_connect_with_a_wrong_answer_is_refused(
     listener = await _unix_listener(path)
     await nursery.start(trio.serve_listeners, wrong, [listener])
     with trio.fail_after(LIMIT), pytest.raises(BackendUnavailable) as info:
-        await vsock.connect_mux(VsockMuxAddress(str(path), 52), RouteOptions())
+        await vsock_mux.connect_mux(VsockMuxAddress(str(path), 52), RouteOptions())
     assert info.value.message == f"backend unavailable (unexpected answer {shown} to CONNECT 52; expected 'OK <port>')"
 
 
@@ -846,7 +846,7 @@ async def test_mux_connect_reset_by_the_vmm(short_tmp: Path, nursery: trio.Nurse
     listener = await _unix_listener(path)
     await nursery.start(trio.serve_listeners, reset, [listener])
     with trio.fail_after(LIMIT), pytest.raises(BackendUnavailable) as info:
-        await vsock.connect_mux(VsockMuxAddress(str(path), 52), RouteOptions())
+        await vsock_mux.connect_mux(VsockMuxAddress(str(path), 52), RouteOptions())
     assert info.value.message == "backend unavailable (the VMM dropped the connection: Connection reset by peer)"
 
 
@@ -857,7 +857,7 @@ async def test_mux_connect_accepts_cloud_hypervisor_and_firecracker_answers(fire
     firecracker.guest_listen(1024, quiet)
     with trio.fail_after(LIMIT):
         for expected in (FIRST_HOST_PORT, FIRST_HOST_PORT + 1):
-            stream = await vsock.connect_mux(VsockMuxAddress(firecracker.uds_path, 1024), RouteOptions())
+            stream = await vsock_mux.connect_mux(VsockMuxAddress(firecracker.uds_path, 1024), RouteOptions())
             await stream.aclose()
             assert firecracker.next_host_port == expected + 1
 
@@ -867,12 +867,12 @@ async def test_mux_connect_accepts_cloud_hypervisor_and_firecracker_answers(fire
 
 async def test_mux_listener_is_a_unix_socket_at_path_underscore_port(short_tmp: Path) -> None:
     address = VsockMuxAddress(str(short_tmp / "v.sock"), 52)
-    listener = await vsock.open_mux_listener(address, RouteOptions())
+    listener = await vsock_mux.open_mux_listener(address, RouteOptions())
     async with listener:
         st = os.lstat(short_tmp / "v.sock_52")
         assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) == 0o600
-        assert vsock.mux_listen_path(address) == f"{short_tmp}/v.sock_52"
+        assert vsock_mux.mux_listen_path(address) == f"{short_tmp}/v.sock_52"
     assert not (short_tmp / "v.sock_52").exists()
 
 
@@ -880,7 +880,7 @@ async def test_mux_listener_never_deletes_a_file_in_the_way(short_tmp: Path) -> 
     (short_tmp / "v.sock_52").write_text("precious")
     address = VsockMuxAddress(str(short_tmp / "v.sock"), 52)
     with pytest.raises(EndpointError) as info:
-        await vsock.open_mux_listener(address, RouteOptions())
+        await vsock_mux.open_mux_listener(address, RouteOptions())
     assert str(info.value).startswith(
         f"listen vsock-mux://{short_tmp}/v.sock:52: {short_tmp}/v.sock_52: a file that is not"
     )
@@ -916,7 +916,7 @@ async def test_relay_to_a_guest_through_the_muxer_both_ways(
     firecracker.guest_listen(52, guest)
     address = VsockMuxAddress(firecracker.uds_path, 52)
     [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    await _serve_relay(nursery, listener, lambda: vsock.connect_mux(address, RouteOptions()))
+    await _serve_relay(nursery, listener, lambda: vsock_mux.connect_mux(address, RouteOptions()))
     with trio.fail_after(LIMIT):
         client = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
         async with client:
@@ -941,7 +941,7 @@ async def test_relay_from_a_guest_through_the_muxer_both_ways(
     [backend_listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
     await nursery.start(trio.serve_listeners, backend, [backend_listener])
     backend_port = backend_listener.socket.getsockname()[1]
-    listener = await vsock.open_mux_listener(VsockMuxAddress(firecracker.uds_path, 53), RouteOptions())
+    listener = await vsock_mux.open_mux_listener(VsockMuxAddress(firecracker.uds_path, 53), RouteOptions())
 
     async def connect_backend() -> trio.SocketStream:
         return await trio.open_tcp_stream("127.0.0.1", backend_port)

@@ -132,10 +132,10 @@ async def _start(nursery: trio.Nursery, table: RouteTable, loader: Loader | None
 
 
 def _bound(svc: Service, name: str) -> Address:
-    from hvbridge import endpoints
     from hvbridge.addresses import parse_address
+    from hvbridge.transports import base
 
-    return parse_address(endpoints.listener_address(_engine(svc).listeners[name][0]))
+    return parse_address(base.listener_address(_engine(svc).listeners[name][0]))
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from hvbridge import splice
+from hvbridge.relay import splice
 
 
 async def settled() -> None:

@@ -14,7 +14,7 @@ import attrs
 import trio
 from integration.support import HashServer, LogLine, parse_log_line
 
-from hvbridge.vsock import AF_VSOCK
+from hvbridge.transports.vsock import AF_VSOCK
 
 if TYPE_CHECKING:
     from integration.support import Mode

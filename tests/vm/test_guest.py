@@ -17,11 +17,11 @@ import trio
 from integration.support import exchange, expect_closed, mib_per_s, open_stream, receive_into
 from support.processes import MiB, run_hvbridge
 
-from hvbridge import vsock
 from hvbridge.addresses import VMADDR_CID_ANY, VMADDR_PORT_ANY, VsockAddress
-from hvbridge.endpoints import peer_address
 from hvbridge.errors import BackendUnavailable
 from hvbridge.routes import RouteOptions
+from hvbridge.transports import vsock
+from hvbridge.transports.base import peer_address
 
 from .guest import (
     FIGURES,
@@ -44,7 +44,7 @@ SMALL: Final = 256 * 1024
 VMADDR_CID_LOCAL: Final = 1
 
 
-# ------------------------------------------------------------------ vsock.py on a real transport
+# ------------------------------------------------------------------ transports/vsock.py on a real transport
 
 
 async def test_the_local_cid_of_a_loopback_only_guest_is_1() -> None:

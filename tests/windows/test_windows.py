@@ -33,10 +33,12 @@ from conftest import (
 )
 
 import hvbridge
-from hvbridge import endpoints, service, splice
+from hvbridge import service, transports
 from hvbridge.config import format_table, table_from_mapping
-from hvbridge.hvsock import ThreadSocketStream
 from hvbridge.hyperv.registry import SERVICES_KEY
+from hvbridge.relay import splice
+from hvbridge.transports import base
+from hvbridge.transports.threadstream import ThreadSocketStream
 
 # Windows only (conftest.py collects this file nowhere else); mypy on Linux skips the rest.
 assert sys.platform == "win32"
@@ -66,7 +68,7 @@ def test_signals_are_windows_ones() -> None:
 
 
 def test_winsock_error_text_is_readable() -> None:
-    assert "refused" in endpoints.error_text(10061).lower()
+    assert "refused" in base.error_text(10061).lower()
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -123,8 +125,8 @@ def test_route_table() -> None:
     (route,) = table.routes
     assert str(route.connect) == "hvsock://my-vm/00000016-facb-11e6-bd58-64006a7986d3"
     assert str(route.connect) in format_table(table)
-    assert endpoints.unavailable_reason(route.connect) is None
-    assert endpoints.unavailable_reason(route.listen) is None
+    assert transports.unavailable_reason(route.connect) is None
+    assert transports.unavailable_reason(route.listen) is None
 
 
 def test_unix_listener_is_refused_at_start() -> None:

@@ -1,8 +1,8 @@
 """The Linux fast path of the relay: splice() socket -> pipe -> socket, driven by one epoll.
 
 This module owns the data path for connections whose two ends are sockets the kernel can
-splice (TCP and Unix stream sockets). relay.py picks it when both ends qualify and keeps its
-recv_into path for everything else (vsock, Hyper-V sockets, stdio, memory streams).
+splice (TCP and Unix stream sockets). relay/pump.py picks it when both ends qualify and keeps
+its recv_into path for everything else (vsock, Hyper-V sockets, stdio, memory streams).
 docs/performance.md has the measurements that justify it.
 
 How it works, and why:
@@ -24,12 +24,12 @@ How it works, and why:
    registrations: no task per direction, no nursery, no buffer (<= 4 KiB of memory per idle
    connection). Idle deadlines live on the trio side (one system task, a heap), on trio's
    clock; the reactor stamps activity with that clock.
-5. The relay's rules hold (relay.py rules 1-5): EOF from one side becomes shutdown(SHUT_WR) on
-   the other while the other direction keeps flowing; a direction whose destination is full
-   keeps its pipe, stops reading and waits for the destination to drain (backpressure, one pipe
-   at most); a failure is raised as SideError so that relay.py resets both sides; idle timeout;
-   byte counts are updated as bytes move. A pipe that still holds bytes when a connection ends
-   is closed, never reused.
+5. The relay's rules hold (pump.py rules 1-5; ends.py picks the end on both paths): EOF from
+   one side becomes shutdown(SHUT_WR) on the other while the other direction keeps flowing; a
+   direction whose destination is full keeps its pipe, stops reading and waits for the
+   destination to drain (backpressure, one pipe at most); a failure is raised as SideError so
+   that pump.py resets both sides; idle timeout; byte counts are updated as bytes move. A pipe
+   that still holds bytes when a connection ends is closed, never reused.
 6. Interest in a socket is registered only while some direction waits on it (EPOLLIN to read,
    EPOLLOUT to flush); a socket nobody waits on is taken out of the epoll set, so a peer that
    has gone away is noticed by the next write to it, as on the recv_into path.
@@ -46,14 +46,14 @@ import select
 import socket
 import sys
 import threading
-from typing import TYPE_CHECKING, Final, Literal, Protocol, final
+from typing import TYPE_CHECKING, Final, Protocol, final
 
 import trio
 
+from hvbridge.relay.ends import EndReason, Side, eof_end
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
-
-Side = Literal["client", "backend"]
 
 #: Bytes a pipe holds (F_SETPIPE_SZ); /proc/sys/fs/pipe-max-size caps it, 1 MiB by default.
 PIPE_SIZE: Final = 1 << 20
@@ -82,7 +82,7 @@ class Counts(Protocol):
 
 
 class SideError(Exception):
-    """A read from or write to one side failed; relay.py resets both sides."""
+    """A read from or write to one side failed; pump.py resets both sides."""
 
     def __init__(self, side: Side, cause: OSError) -> None:
         self.side: Side = side
@@ -197,7 +197,7 @@ class _Direction:
 class Connection:
     """A spliced connection: the reactor thread moves its bytes; its task parks until it ends.
 
-    Usage (relay.py): create it, `await trio.lowlevel.wait_task_rescheduled(conn.park())`,
+    Usage (pump.py): create it, `await trio.lowlevel.wait_task_rescheduled(conn.park())`,
     then `result()`, and if `aborted`, let the pending cancellation through. The task is woken
     only once the reactor has let go of both sockets, so closing them is then safe.
     """
@@ -246,7 +246,7 @@ class Connection:
         self.backend_mask = 0
         self.done = False  # set by the reactor thread when the connection ends
         self.aborted = False  # the task was cancelled while parked
-        self.reason = ""
+        self.reason: EndReason | None = None
         self.error: BaseException | None = None
         self.task: trio.lowlevel.Task | None = None
         for sock in (self.client, self.backend):
@@ -283,8 +283,8 @@ class Connection:
         self.reactor.post(self.cancel)
         return trio.lowlevel.Abort.FAILED
 
-    def result(self) -> str:
-        """Why the connection ended (`closed`, `closed by client`, `idle timeout`; empty if
+    def result(self) -> EndReason | None:
+        """Why the connection ended (CLOSED, CLOSED_BY_CLIENT, IDLE_TIMEOUT...; None if
         cancelled).
 
         Raises:
@@ -301,7 +301,7 @@ class Connection:
         self._guarded(Connection._rearm)
 
     def cancel(self) -> None:
-        """The task was cancelled: end the connection (no reason; relay.py says `cancelled`)."""
+        """The task was cancelled: end the connection (no reason; pump.py says CANCELLED)."""
         self._guarded(Connection.finish)
 
     def expire(self) -> None:
@@ -310,7 +310,7 @@ class Connection:
 
     def _expire(self) -> None:
         if not self.done and self.reactor.clock.current_time() >= self.last_activity + self.idle_timeout:
-            self.reason = "idle timeout"
+            self.reason = EndReason.IDLE_TIMEOUT
             self.finish()
 
     def _guarded(self, action: Callable[[Connection], None]) -> None:
@@ -392,17 +392,15 @@ class Connection:
 
     def _eof(self, d: _Direction) -> None:
         d.open = False
-        if not self.half_close:
-            self.reason = f"closed by {d.src_side}"
-            self.finish()
-            return
-        try:
-            (self.backend if d.upstream else self.client).shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            self._fail(d.dst_side, exc)
-            return
-        if not self.up.open and not self.down.open:
-            self.reason = "closed"
+        if self.half_close:
+            try:
+                (self.backend if d.upstream else self.client).shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self._fail(d.dst_side, exc)
+                return
+        end = eof_end(d.src_side, half_close=self.half_close, directions_open=self.up.open + self.down.open)
+        if end is not None:
+            self.reason = end
             self.finish()
 
     def _fail(self, side: Side, exc: OSError) -> None:

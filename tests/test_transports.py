@@ -1,4 +1,4 @@
-"""Tests for hvbridge.endpoints: listeners and connects for TCP and Unix sockets.
+"""Tests for hvbridge.transports: listeners and connects for TCP and Unix sockets.
 
 Rules for this module: real sockets only on loopback (127.0.0.1, ::1, port 0) and in tmp_path
 (plus Linux abstract names unique to this process). One side closes each connection. Every
@@ -25,7 +25,6 @@ import pytest
 import trio
 import trio.testing
 
-from hvbridge import endpoints
 from hvbridge.addresses import (
     VMADDR_CID_ANY,
     Address,
@@ -36,21 +35,17 @@ from hvbridge.addresses import (
     VsockAddress,
     VsockMuxAddress,
 )
-from hvbridge.endpoints import (
-    connect,
-    listener_address,
-    open_listeners,
-    peer_address,
-    sockaddr_text,
-    translate_connect_error,
-    unavailable_reason,
-)
+from hvbridge.backend import Backend
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
 from hvbridge.routes import RouteOptions
+from hvbridge.transports import base, unavailable_reason
+from hvbridge.transports.base import listener_address, peer_address, sockaddr_text, translate_connect_error
 
 LIMIT: Final = 10.0
 DEFAULTS: Final = RouteOptions()
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="Linux abstract Unix socket namespace")
+
+BACKEND = Backend()
 
 
 def _have_ipv6_loopback() -> bool:
@@ -87,13 +82,13 @@ async def exchange(client: trio.abc.Stream, server: trio.abc.Stream) -> None:
     await server.aclose()
 
 
-def port_of(listener: endpoints.Listener) -> int:
+def port_of(listener: base.Listener) -> int:
     match = re.fullmatch(r"tcp://(?:[0-9.]+|\[[0-9a-f:]+\]):(\d+)", listener_address(listener))
     assert match is not None, listener_address(listener)
     return int(match.group(1))
 
 
-async def close_all(listeners: list[endpoints.Listener]) -> None:
+async def close_all(listeners: list[base.Listener]) -> None:
     for listener in listeners:
         await listener.aclose()
 
@@ -107,13 +102,13 @@ async def close_all(listeners: list[endpoints.Listener]) -> None:
 )
 async def test_tcp_listen_on_port_0_and_connect(host: str) -> None:
     with trio.fail_after(LIMIT):
-        listeners = await open_listeners(TcpAddress(host, 0), DEFAULTS)
+        listeners = await BACKEND.open_listeners(TcpAddress(host, 0), DEFAULTS)
         try:
             (listener,) = listeners
             port = port_of(listener)
             assert port > 0
             assert listener_address(listener) == str(TcpAddress(host, port))
-            client = await connect(TcpAddress(host, port), DEFAULTS)
+            client = await BACKEND.connect(TcpAddress(host, port), DEFAULTS)
             server = await listener.accept()
             assert isinstance(client, trio.SocketStream)
             client_port = client.socket.getsockname()[1]
@@ -129,13 +124,13 @@ async def test_tcp_listen_on_port_0_and_connect(host: str) -> None:
 
 async def test_tcp_host_name_localhost() -> None:
     with trio.fail_after(LIMIT):
-        listeners = await open_listeners(TcpAddress("localhost", 0), DEFAULTS)
+        listeners = await BACKEND.open_listeners(TcpAddress("localhost", 0), DEFAULTS)
         try:
             assert listeners
             for listener in listeners:  # one per address localhost resolves to
                 assert re.fullmatch(r"tcp://(127\.0\.0\.1|\[::1\]):\d+", listener_address(listener))
             listener = listeners[0]
-            client = await connect(TcpAddress("localhost", port_of(listener)), DEFAULTS)
+            client = await BACKEND.connect(TcpAddress("localhost", port_of(listener)), DEFAULTS)
             server = await listener.accept()
             await exchange(client, server)
         finally:
@@ -144,11 +139,11 @@ async def test_tcp_host_name_localhost() -> None:
 
 async def test_tcp_address_in_use_says_what_to_do() -> None:
     with trio.fail_after(LIMIT):
-        listeners = await open_listeners(TcpAddress("127.0.0.1", 0), DEFAULTS)
+        listeners = await BACKEND.open_listeners(TcpAddress("127.0.0.1", 0), DEFAULTS)
         try:
             address = TcpAddress("127.0.0.1", port_of(listeners[0]))
             with pytest.raises(EndpointError) as raised:
-                await open_listeners(address, DEFAULTS)
+                await BACKEND.open_listeners(address, DEFAULTS)
         finally:
             await close_all(listeners)
     assert str(raised.value) == (
@@ -162,7 +157,7 @@ async def test_tcp_address_in_use_says_what_to_do() -> None:
 
 async def test_tcp_address_not_on_this_machine() -> None:
     with trio.fail_after(LIMIT), pytest.raises(EndpointError) as raised:
-        await open_listeners(TcpAddress("192.0.2.1", 0), DEFAULTS)  # TEST-NET-1, never local
+        await BACKEND.open_listeners(TcpAddress("192.0.2.1", 0), DEFAULTS)  # TEST-NET-1, never local
     assert raised.value.message == "address not available on this machine; use an address of a local interface"
 
 
@@ -186,7 +181,7 @@ async def test_tcp_address_not_on_this_machine() -> None:
     ],
 )
 def test_listen_hints(exc: OSError, message: str) -> None:
-    assert endpoints._listen_hint(exc) == message
+    assert base.listen_hint(exc) == message
 
 
 async def test_connect_to_a_closed_tcp_port_is_backend_unavailable() -> None:
@@ -196,7 +191,7 @@ async def test_connect_to_a_closed_tcp_port_is_backend_unavailable() -> None:
         bound.bind(("127.0.0.1", 0))
         address = TcpAddress("127.0.0.1", bound.getsockname()[1])
         with trio.fail_after(LIMIT), pytest.raises(BackendUnavailable) as raised:
-            await connect(address, DEFAULTS)
+            await BACKEND.connect(address, DEFAULTS)
     assert str(raised.value) == f"connect {address}: backend unavailable (Connection refused)"
     assert raised.value.__cause__ is not None
 
@@ -208,13 +203,13 @@ async def test_connect_to_a_closed_tcp_port_is_backend_unavailable() -> None:
 async def test_unix_listener_creates_the_file_with_its_mode(tmp_path: Path, options: RouteOptions, mode: int) -> None:
     path = tmp_path / "s.sock"
     with trio.fail_after(LIMIT):
-        (listener,) = await open_listeners(UnixAddress(str(path)), options)
+        (listener,) = await BACKEND.open_listeners(UnixAddress(str(path)), options)
         try:
             st = path.lstat()
             assert stat.S_ISSOCK(st.st_mode)
             assert stat.S_IMODE(st.st_mode) == mode
             assert listener_address(listener) == f"unix://{path}"
-            client = await connect(UnixAddress(str(path)), DEFAULTS)
+            client = await BACKEND.connect(UnixAddress(str(path)), DEFAULTS)
             server = await listener.accept()
             peer = peer_address(server)
             assert peer is not None
@@ -229,7 +224,7 @@ async def test_unix_listener_file_is_removed_by_a_forceful_close(tmp_path: Path)
     # trio.aclose_forcefully() runs aclose() already cancelled: the removal must not be skipped.
     path = tmp_path / "s.sock"
     with trio.fail_after(LIMIT):
-        (listener,) = await open_listeners(UnixAddress(str(path)), DEFAULTS)
+        (listener,) = await BACKEND.open_listeners(UnixAddress(str(path)), DEFAULTS)
         assert path.exists()
         await trio.aclose_forcefully(listener)
     assert not path.exists()
@@ -241,7 +236,9 @@ async def test_unix_listener_owner_and_group(tmp_path: Path) -> None:
     group = grp.getgrgid(os.getgid()).gr_name
     for owner, group_spec in [(user, str(os.getgid())), (str(os.getuid()), group), (None, group), (user, None)]:
         with trio.fail_after(LIMIT):
-            (listener,) = await open_listeners(UnixAddress(str(path)), RouteOptions(owner=owner, group=group_spec))
+            (listener,) = await BACKEND.open_listeners(
+                UnixAddress(str(path)), RouteOptions(owner=owner, group=group_spec)
+            )
             st = path.lstat()
             await listener.aclose()
         assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
@@ -265,7 +262,7 @@ async def test_unix_listener_unknown_owner_leaves_nothing_behind(
 ) -> None:
     path = tmp_path / "s.sock"
     with trio.fail_after(LIMIT), pytest.raises(EndpointError) as raised:
-        await open_listeners(UnixAddress(str(path)), options)
+        await BACKEND.open_listeners(UnixAddress(str(path)), options)
     assert str(raised.value) == f"listen unix://{path}: {message}"
     assert not lexists(path)
 
@@ -275,10 +272,10 @@ async def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX) as old:
         old.bind(str(path))  # closed without unlinking: what a crashed process leaves
     with trio.fail_after(LIMIT):
-        (listener,) = await open_listeners(UnixAddress(str(path)), DEFAULTS)
+        (listener,) = await BACKEND.open_listeners(UnixAddress(str(path)), DEFAULTS)
         try:
             assert stat.S_ISSOCK(path.lstat().st_mode)
-            client = await connect(UnixAddress(str(path)), DEFAULTS)
+            client = await BACKEND.connect(UnixAddress(str(path)), DEFAULTS)
             await exchange(client, await listener.accept())
         finally:
             await listener.aclose()
@@ -288,13 +285,13 @@ async def test_a_live_socket_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "s.sock"
     address = UnixAddress(str(path))
     with trio.fail_after(LIMIT):
-        (first,) = await open_listeners(address, DEFAULTS)
+        (first,) = await BACKEND.open_listeners(address, DEFAULTS)
         try:
             with pytest.raises(EndpointError) as raised:
-                await open_listeners(address, DEFAULTS)
+                await BACKEND.open_listeners(address, DEFAULTS)
             assert str(raised.value) == f"listen {address}: another process is listening on this socket; stop it first"
             # The first listener still owns the path and still works.
-            client = await connect(address, DEFAULTS)
+            client = await BACKEND.connect(address, DEFAULTS)
             server = await first.accept()  # the refused attempt's probe connection
             assert await server.receive_some() == b""
             await server.aclose()
@@ -319,7 +316,7 @@ async def test_a_live_socket_with_a_full_backlog_is_refused_at_once(tmp_path: Pa
                 except BlockingIOError:
                     break
             with trio.fail_after(LIMIT), pytest.raises(EndpointError, match="another process is listening"):
-                await open_listeners(UnixAddress(str(path)), DEFAULTS)
+                await BACKEND.open_listeners(UnixAddress(str(path)), DEFAULTS)
             assert lexists(path)
             # Still the live listener's socket: the queued connection can be accepted.
             accepted, _ = live.accept()
@@ -344,7 +341,7 @@ async def test_a_socket_we_may_not_probe_is_never_deleted() -> None:
             os.seteuid(pwd.getpwnam("nobody").pw_uid)
             try:
                 with trio.fail_after(LIMIT), pytest.raises(EndpointError) as raised:
-                    await open_listeners(UnixAddress(str(path)), DEFAULTS)
+                    await BACKEND.open_listeners(UnixAddress(str(path)), DEFAULTS)
             finally:
                 os.seteuid(0)
             assert raised.value.message == (
@@ -361,7 +358,7 @@ async def test_a_socket_we_may_not_probe_is_never_deleted() -> None:
 async def test_a_unix_listener_in_a_missing_directory(tmp_path: Path) -> None:
     path = tmp_path / "missing" / "s.sock"
     with trio.fail_after(LIMIT), pytest.raises(EndpointError) as raised:
-        await open_listeners(UnixAddress(str(path)), DEFAULTS)
+        await BACKEND.open_listeners(UnixAddress(str(path)), DEFAULTS)
     assert raised.value.message == (
         f"no such directory {str(path.parent)!r}; create it (systemd: RuntimeDirectory=) or choose another path"
     )
@@ -378,7 +375,7 @@ async def test_a_file_that_is_not_a_socket_is_never_deleted(tmp_path: Path, kind
     else:
         os.mkfifo(path)
     with trio.fail_after(LIMIT), pytest.raises(EndpointError) as raised:
-        await open_listeners(UnixAddress(str(path)), DEFAULTS)
+        await BACKEND.open_listeners(UnixAddress(str(path)), DEFAULTS)
     assert str(raised.value) == (
         f"listen unix://{path}: a file that is not a socket is in the way; refusing to delete it,"
         " remove it or choose another path"
@@ -399,7 +396,7 @@ async def test_a_symlink_is_neither_followed_nor_deleted(tmp_path: Path, target:
             old.bind(str(target_path))
     path.symlink_to(target_path)
     with trio.fail_after(LIMIT), pytest.raises(EndpointError) as raised:
-        await open_listeners(UnixAddress(str(path)), DEFAULTS)
+        await BACKEND.open_listeners(UnixAddress(str(path)), DEFAULTS)
     assert raised.value.message == "path is a symlink; refusing to follow or delete it, choose another path"
     assert path.is_symlink()
     assert os.readlink(path) == str(target_path)
@@ -414,7 +411,7 @@ async def test_a_symlink_is_neither_followed_nor_deleted(tmp_path: Path, target:
 async def test_close_leaves_a_file_that_is_no_longer_ours(tmp_path: Path) -> None:
     path = tmp_path / "s.sock"
     with trio.fail_after(LIMIT):
-        (listener,) = await open_listeners(UnixAddress(str(path)), DEFAULTS)
+        (listener,) = await BACKEND.open_listeners(UnixAddress(str(path)), DEFAULTS)
         path.unlink()
         path.write_text("someone else's now")
         await listener.aclose()
@@ -422,7 +419,7 @@ async def test_close_leaves_a_file_that_is_no_longer_ours(tmp_path: Path) -> Non
     # And closing when the file is already gone is fine too.
     with trio.fail_after(LIMIT):
         path.unlink()
-        (listener,) = await open_listeners(UnixAddress(str(path)), DEFAULTS)
+        (listener,) = await BACKEND.open_listeners(UnixAddress(str(path)), DEFAULTS)
         path.unlink()
         await listener.aclose()
     assert not lexists(path)
@@ -433,22 +430,22 @@ async def test_abstract_namespace(tmp_path: Path) -> None:
     name = f"hvbridge-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     address = UnixAddress(name, abstract=True)
     with trio.fail_after(LIMIT):
-        (listener,) = await open_listeners(address, DEFAULTS)
+        (listener,) = await BACKEND.open_listeners(address, DEFAULTS)
         try:
             assert listener_address(listener) == f"unix:@{name}"
-            client = await connect(address, DEFAULTS)
+            client = await BACKEND.connect(address, DEFAULTS)
             await exchange(client, await listener.accept())
         finally:
             await listener.aclose()
         with pytest.raises(BackendUnavailable):  # gone once closed
-            await connect(address, DEFAULTS)
+            await BACKEND.connect(address, DEFAULTS)
     assert listdir(tmp_path) == []
 
 
 async def test_connect_to_a_missing_unix_path_is_backend_unavailable(tmp_path: Path) -> None:
     address = UnixAddress(str(tmp_path / "missing.sock"))
     with trio.fail_after(LIMIT), pytest.raises(BackendUnavailable) as raised:
-        await connect(address, DEFAULTS)
+        await BACKEND.connect(address, DEFAULTS)
     assert str(raised.value) == f"connect {address}: backend unavailable (No such file or directory)"
 
 
@@ -457,7 +454,7 @@ async def test_connect_to_a_stale_unix_socket_is_backend_unavailable(tmp_path: P
     with socket.socket(socket.AF_UNIX) as old:
         old.bind(str(path))
     with trio.fail_after(LIMIT), pytest.raises(BackendUnavailable) as raised:
-        await connect(UnixAddress(str(path)), DEFAULTS)
+        await BACKEND.connect(UnixAddress(str(path)), DEFAULTS)
     assert raised.value.message == "backend unavailable (Connection refused)"
 
 
@@ -465,7 +462,7 @@ async def test_connect_to_a_unix_path_that_is_not_a_socket_is_an_error(tmp_path:
     path = tmp_path / "plain"
     path.write_text("x")
     with trio.fail_after(LIMIT), pytest.raises(EndpointError) as raised:
-        await connect(UnixAddress(str(path)), DEFAULTS)
+        await BACKEND.connect(UnixAddress(str(path)), DEFAULTS)
     assert raised.value.op == "connect"
 
 
@@ -474,7 +471,7 @@ async def test_connect_to_a_unix_path_that_is_not_a_socket_is_an_error(tmp_path:
 
 async def test_stdio_cannot_listen() -> None:
     with pytest.raises(EndpointError) as raised:
-        await open_listeners(StdioAddress(), DEFAULTS)
+        await BACKEND.open_listeners(StdioAddress(), DEFAULTS)
     assert str(raised.value) == "listen stdio: stdio cannot listen"
 
 
@@ -594,6 +591,21 @@ def test_unavailable_reason(address: Address, reason: str | None) -> None:
 
 
 def test_family_unavailable() -> None:
-    error = endpoints.family_unavailable(VsockAddress(3, 5), "AF_VSOCK needs Linux")
+    error = base.family_unavailable(VsockAddress(3, 5), "AF_VSOCK needs Linux")
     assert isinstance(error, AddressFamilyUnavailable)
     assert str(error) == "open vsock://3:5: AF_VSOCK needs Linux"
+
+
+@pytest.mark.parametrize(
+    ("family", "sockaddr", "exposed"),
+    [
+        (socket.AF_INET, ("0.0.0.0", 80), True),
+        (socket.AF_INET, ("127.0.0.1", 80), False),
+        (socket.AF_INET6, ("::", 80, 0, 0), True),
+        (socket.AF_INET6, ("::1", 80, 0, 0), False),
+        (socket.AF_INET6, ("fe80::1%eth0", 80, 0, 2), True),
+        (socket.AF_UNIX, "/run/x.sock", False),
+    ],
+)
+def test_exposed_tcp_compares_the_bound_address_as_a_value(family: int, sockaddr: object, exposed: bool) -> None:
+    assert base.exposed_tcp(family, sockaddr) is exposed

@@ -1,9 +1,9 @@
-"""Linux VM sockets: `vsock://CID:PORT` (AF_VSOCK) and `vsock-mux:///uds:PORT` (hybrid vsock).
+"""Linux VM sockets: `vsock://CID:PORT` (AF_VSOCK).
 
 This module owns everything AF_VSOCK-specific: the kernel constants Python lacks, socket
-options (the in-kernel connect timeout and buffer sizes), the local CID, what each vsock errno
-means for the user, and the Firecracker / Cloud Hypervisor hybrid-vsock handshake. It returns
-plain trio SocketStreams and Listeners, so the relay never learns it pumps VM sockets.
+options (the in-kernel connect timeout and buffer sizes), the local CID and what each vsock
+errno means for the user. It returns plain trio SocketStreams and Listeners, so the relay never
+learns it pumps VM sockets. Hybrid vsock (`vsock-mux://`) is Unix sockets: vsock_mux.py.
 
 Rules:
 1. CPython's `setsockopt()` on an AF_VSOCK socket accepts only an integer, which it passes as
@@ -15,12 +15,7 @@ Rules:
    inherited by the connections it accepts.
 3. connect() errors ECONNRESET, ETIMEDOUT, ENODEV and ENETUNREACH mean "backend unavailable"
    (docs/reference.md, "Relay semantics"): raised as BackendUnavailable, so the supervisor logs and retries them.
-4. Hybrid vsock (firecracker docs/vsock.md): connect = connect the VMM's Unix socket, send
-   `CONNECT PORT\\n` in one write, read the answer one byte at a time up to the newline (so no
-   relayed byte is consumed), bounded by connect_timeout; `OK <host port>` accepts, anything
-   else or EOF refuses. Listen = a Unix listener at `PATH_PORT`, where the VMM delivers
-   guest-initiated connections. These VMMs turn a half-close into a full close.
-5. This module never connects anything at import time or to probe; the local CID comes from
+4. This module never connects anything at import time or to probe; the local CID comes from
    an ioctl on /dev/vsock, which is not a connection.
 """
 
@@ -29,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import socket
 import struct
 import sys
@@ -37,9 +31,9 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from hvbridge.addresses import VMADDR_CID_ANY, UnixAddress, VsockAddress, VsockMuxAddress
-from hvbridge.endpoints import UNAVAILABLE_ERRNOS, UnixListener, family_unavailable, open_unix_listener
+from hvbridge.addresses import VMADDR_CID_ANY, VsockAddress
 from hvbridge.errors import AddressFamilyUnavailable, BackendUnavailable, EndpointError
+from hvbridge.transports.base import BACKLOG, UNAVAILABLE_ERRNOS, family_unavailable
 
 if TYPE_CHECKING:
     from hvbridge.routes import RouteOptions
@@ -85,7 +79,6 @@ _Timeval: Final[type[ctypes.Structure]] = _OldTimeval if _LONG_IS_64_BITS else _
 
 #: The kernel refuses timeouts of MAX_SCHEDULE_TIMEOUT / HZ seconds or more; a year is plenty.
 _MAX_TIMEOUT: Final = 365 * 24 * 3600
-_BACKLOG: Final = 4096
 
 #: Which module gives AF_VSOCK a transport, per setup; named in errors and docs/vsock.md.
 TRANSPORT_MODULES: Final = (
@@ -99,9 +92,6 @@ _SECCOMP_HINT: Final = (
     " profile whose socket rule also allows family 40, or --security-opt seccomp=unconfined;"
     " an AppArmor or SELinux policy can deny it too (see docs/vsock.md)"
 )
-_OK_LINE: Final = re.compile(rb"OK(?: [0-9]{1,10})?\n")
-#: Firecracker answers `OK 1073741824\n` (14 bytes); anything this long is not an answer.
-_MAX_ANSWER: Final = 64
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -242,6 +232,11 @@ def _available() -> bool:
     return sys.platform == "linux" and hasattr(socket, "AF_VSOCK")
 
 
+def unavailable_reason() -> str | None:
+    """Why this OS or Python cannot use AF_VSOCK, or None if it can (for `check`)."""
+    return None if hasattr(socket, "AF_VSOCK") else "AF_VSOCK needs Linux"
+
+
 def _new_socket(address: VsockAddress, op: str) -> trio.socket.SocketType:
     """A new AF_VSOCK stream socket, or the error that says why the family is unusable."""
     if not _available():
@@ -351,7 +346,7 @@ async def open_vsock_listener(address: VsockAddress, options: RouteOptions) -> t
     try:
         set_buffer_size(sock, options.vsock_buffer_size)
         await sock.bind((address.cid, address.port))
-        sock.listen(_BACKLOG)
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise listen_error(address, exc) from exc
@@ -384,99 +379,3 @@ async def connect_vsock(address: VsockAddress, options: RouteOptions) -> trio.So
         sock.close()
         raise
     return trio.SocketStream(sock)
-
-
-# ---------------------------------------------------------------------------- hybrid vsock
-
-
-def mux_listen_path(address: VsockMuxAddress) -> str:
-    """Where a VMM delivers guest-initiated connections to `address.port`: `PATH_PORT`."""
-    return f"{address.path}_{address.port}"
-
-
-async def open_mux_listener(address: VsockMuxAddress, options: RouteOptions) -> UnixListener:
-    """Listen for guest-initiated hybrid vsock connections on the Unix socket `PATH_PORT`.
-
-    The file follows the Unix listener rules (docs/reference.md, "Who may connect"): created with `mode`, a stale socket
-    file is replaced, anything else in the way is an error and is never deleted.
-
-    Raises:
-        EndpointError: The socket file cannot be created.
-    """
-    try:
-        return open_unix_listener(UnixAddress(mux_listen_path(address)), options)
-    except EndpointError as exc:
-        raise EndpointError(str(address), "listen", f"{mux_listen_path(address)}: {exc.message}") from exc
-
-
-async def connect_mux(address: VsockMuxAddress, options: RouteOptions) -> trio.SocketStream:
-    """Connect to a guest port through a Firecracker / Cloud Hypervisor vsock Unix socket.
-
-    Sends `CONNECT PORT\\n` and waits up to connect_timeout for `OK <host port>\\n` (rule 4).
-    The returned stream carries only the guest's bytes: the answer line is consumed exactly.
-
-    Raises:
-        BackendUnavailable: The VMM socket is missing or refuses, nothing listens on the guest
-            port (the VMM closes the connection), no answer in time, or a malformed answer.
-        EndpointError: Any other failure.
-    """
-    try:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    except OSError as exc:
-        raise EndpointError(str(address), "connect", f"cannot create a Unix socket: {_reason(exc)}") from exc
-    try:
-        try:
-            await sock.connect(address.path)
-        except OSError as exc:
-            message = (
-                f"cannot reach the VMM's vsock socket {address.path} ({_reason(exc)});"
-                " is the VM running, and is this its vsock uds_path?"
-            )
-            if exc.errno in UNAVAILABLE_ERRNOS:
-                raise BackendUnavailable(str(address), "connect", f"backend unavailable ({message})") from exc
-            raise EndpointError(str(address), "connect", message) from exc
-        stream = trio.SocketStream(sock)
-        with trio.move_on_after(options.connect_timeout) as deadline:
-            answer = await _read_answer(stream, address)
-        if deadline.cancelled_caught:
-            raise BackendUnavailable(
-                str(address),
-                "connect",
-                f"backend unavailable (no answer to CONNECT {address.port} within"
-                f" {options.connect_timeout:g}s; is the guest up, and is {address.path} a"
-                " Firecracker/Cloud Hypervisor vsock socket?)",
-            )
-        if not _OK_LINE.fullmatch(answer):
-            if answer.endswith(b"\n") or len(answer) >= _MAX_ANSWER:
-                why = f"unexpected answer {answer!r} to CONNECT {address.port}; expected 'OK <port>'"
-            else:
-                why = f"the VMM closed the connection: nothing listens on port {address.port} in the guest"
-            raise BackendUnavailable(str(address), "connect", f"backend unavailable ({why})")
-    except BaseException:
-        sock.close()
-        raise
-    return stream
-
-
-async def _read_answer(stream: trio.SocketStream, address: VsockMuxAddress) -> bytes:
-    """Send the CONNECT line; return the answer up to and including its newline.
-
-    The answer lacks the newline if the VMM closed the connection first, and stops at
-    _MAX_ANSWER bytes if it is not an answer at all.
-    """
-    try:
-        await stream.send_all(b"CONNECT %d\n" % address.port)
-        answer = b""
-        # One byte per read: whatever follows the newline is the guest's and stays queued.
-        while len(answer) < _MAX_ANSWER and not answer.endswith(b"\n"):
-            byte = await stream.receive_some(1)
-            if not byte:
-                break
-            answer += byte
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        cause = exc.__cause__
-        text = _reason(cause) if isinstance(cause, OSError) else str(exc)
-        raise BackendUnavailable(
-            str(address), "connect", f"backend unavailable (the VMM dropped the connection: {text})"
-        ) from exc
-    return answer

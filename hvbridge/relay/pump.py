@@ -1,5 +1,8 @@
 """The relay: shovel bytes both ways between two trio streams until both directions are done.
 
+relay/__init__.py starts it (relay()); this module runs it: the recv_into path, and the hand-over
+to splice.py for two kernel-spliceable sockets.
+
 This module owns the data path and its rules (docs/reference.md, "Relay semantics"). It knows
 nothing of address families: it takes any two `trio.abc.HalfCloseableStream`s, so tests drive it
 over memory streams.
@@ -16,8 +19,8 @@ Rules:
    no queue), and a socket direction waits for readability *before* it takes a buffer from
    the shared pool, so an idle connection holds no relay buffer. Socket reads use
    recv_into() on pooled buffers instead of allocating a bytes object per read.
-5. The relay never raises for a peer's behaviour: the outcome is in Transfer.reason. Only
-   cancellation (and bugs) propagate.
+5. The relay never raises for a peer's behaviour: the outcome is in Transfer.end, picked by the
+   rules in ends.py, which both paths call. Only cancellation (and bugs) propagate.
 6. Two TCP/Unix socket streams take the Linux fast path in splice.py instead, for throughput and CPU: bytes
    move socket -> pipe -> socket inside the kernel, pipes are pooled and held only while bytes
    are in flight, one reactor thread moves every connection's bytes, and the caller's task is
@@ -27,27 +30,17 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import socket
-import struct
-from typing import TYPE_CHECKING, Final, Literal, final
+from typing import Final, final
 
 import attrs
 import trio
 
-from hvbridge import splice
-
-if TYPE_CHECKING:
-    from collections.abc import Coroutine
-
-Side = Literal["client", "backend"]
+from hvbridge.relay import splice
+from hvbridge.relay.ends import EndReason, Side, Transfer, eof_end, failure_end
+from hvbridge.transports.base import abort
 
 #: Default relay buffer: large enough for bulk throughput, a few of them per busy connection.
 DEFAULT_BUFFER_SIZE: Final = 64 * 1024
-_LINGER_RESET: Final = struct.pack("ii", 1, 0)
-# ENOTCONN: shutdown() or send() on a socket whose peer has already reset the connection.
-_RESET_ERRNOS: Final = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN})
 
 
 @final
@@ -79,34 +72,6 @@ class BufferPool:
         return len(self._free)
 
 
-_default_pools: dict[int, BufferPool] = {}
-
-
-def buffer_pool(size: int = DEFAULT_BUFFER_SIZE) -> BufferPool:
-    """The process-wide pool for buffers of `size` bytes (one per size)."""
-    pool = _default_pools.get(size)
-    if pool is None:
-        pool = _default_pools[size] = BufferPool(size)
-    return pool
-
-
-@attrs.define(eq=False)  # hashable by identity: the supervisor keeps live ones in a set
-class Transfer:
-    """What a relay moved, updated live while it runs (metrics read it) and final after.
-
-    Attributes:
-        client_to_backend: Bytes written to the backend.
-        backend_to_client: Bytes written to the client.
-        reason: Why the connection ended: `closed`, `closed by client`, `closed by backend`,
-            `idle timeout`, `reset by client`, `reset by backend`, `client error: ...`,
-            `backend error: ...` or `cancelled`. Empty while running.
-    """
-
-    client_to_backend: int = 0
-    backend_to_client: int = 0
-    reason: str = ""
-
-
 class _SideFailed(Exception):
     """A read from or write to one side failed; carries which side and why."""
 
@@ -116,37 +81,8 @@ class _SideFailed(Exception):
         super().__init__(side, cause)
 
 
-def _is_reset(exc: BaseException) -> bool:
-    current: BaseException | None = exc
-    while current is not None:
-        if isinstance(current, OSError) and current.errno in _RESET_ERRNOS:
-            return True
-        if isinstance(current, trio.BrokenResourceError) and current.__cause__ is None:
-            # trio's own streams (memory streams, pipes) say "broken" without an errno.
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def _describe(exc: BaseException) -> str:
-    cause = exc.__cause__ if exc.__cause__ is not None else exc
-    if isinstance(cause, OSError) and cause.errno is not None:
-        return f"{errno.errorcode.get(cause.errno, cause.errno)} {cause.strerror}"
-    return f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
-
-
 def _raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     return stream.socket if isinstance(stream, trio.SocketStream) else None
-
-
-async def abort(stream: trio.abc.AsyncResource) -> None:
-    """Close `stream` so that its peer sees a reset (RST) rather than a clean EOF."""
-    # Any stream with a socket: trio.SocketStream, and the thread-pumped Hyper-V stream.
-    sock = getattr(stream, "socket", None)
-    if sock is not None:
-        with contextlib.suppress(OSError, TypeError):  # closed; no SO_LINGER; AF_VSOCK takes only ints
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    await trio.aclose_forcefully(stream)
 
 
 async def _close(client: trio.abc.AsyncResource, backend: trio.abc.AsyncResource) -> None:
@@ -170,13 +106,16 @@ async def _close(client: trio.abc.AsyncResource, backend: trio.abc.AsyncResource
 
 @final
 @attrs.define(eq=False)
-class _Relay:
+class Relay:
+    """One relay's state; relay() makes it and awaits run()."""
+
     client: trio.abc.HalfCloseableStream
     backend: trio.abc.HalfCloseableStream
     half_close: bool
     idle_timeout: float
     pool: BufferPool
     transfer: Transfer
+    splice: bool
     last_activity: float = 0.0
     directions_open: int = 2
     _scope: trio.CancelScope = attrs.field(init=False)  # the nursery's; set by run()
@@ -185,7 +124,7 @@ class _Relay:
         self.last_activity = trio.current_time()
         failed: _SideFailed | None = None
         try:
-            if splice.spliceable(self.client, self.backend):  # rule 6
+            if self.splice and splice.spliceable(self.client, self.backend):  # rule 6
                 conn = splice.Connection(
                     self.client,
                     self.backend,
@@ -197,7 +136,7 @@ class _Relay:
                 # connection. The reactor wakes this task when the relay ends, and only then: a
                 # cancellation asks it to end the relay and waits for that.
                 await trio.lowlevel.wait_task_rescheduled(conn.park())
-                self.transfer.reason = conn.result()
+                self.transfer.end = conn.result()
                 if conn.aborted:
                     await trio.lowlevel.checkpoint_if_cancelled()  # raises the Cancelled
                 return self.transfer
@@ -224,8 +163,8 @@ class _Relay:
             assert isinstance(first, _SideFailed)
             failed = first
         finally:
-            if not self.transfer.reason:
-                self.transfer.reason = "cancelled"
+            if self.transfer.end is None:
+                self.transfer.end = EndReason.CANCELLED
             if failed is not None:
                 await self._fail(failed)
             else:
@@ -233,8 +172,7 @@ class _Relay:
         return self.transfer
 
     async def _fail(self, failed: _SideFailed) -> None:
-        reset = _is_reset(failed.cause)
-        self.transfer.reason = f"reset by {failed.side}" if reset else f"{failed.side} error: {_describe(failed.cause)}"
+        self.transfer.end, self.transfer.detail = failure_end(failed.side, failed.cause)
         other = self.backend if failed.side == "client" else self.client
         mine = self.client if failed.side == "client" else self.backend
         try:
@@ -263,19 +201,17 @@ class _Relay:
                 self.transfer.client_to_backend += n
             else:
                 self.transfer.backend_to_client += n
-        # EOF from src.
-        if not self.half_close:
-            self.transfer.reason = f"closed by {src_side}"
-            self._scope.cancel()
-            return
-        try:
-            await dst.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise _SideFailed(dst_side, exc) from exc
-        self.directions_open -= 1
-        if self.directions_open == 0:
-            self.transfer.reason = "closed"
-            self._scope.cancel()  # stops the idle watcher
+        # EOF from src (ends.py rule 1).
+        if self.half_close:
+            try:
+                await dst.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise _SideFailed(dst_side, exc) from exc
+            self.directions_open -= 1
+        end = eof_end(src_side, half_close=self.half_close, directions_open=self.directions_open)
+        if end is not None:
+            self.transfer.end = end
+            self._scope.cancel()  # stops the other direction, or the idle watcher
 
     async def _copy_socket(
         self,
@@ -326,47 +262,7 @@ class _Relay:
         while True:
             deadline = self.last_activity + self.idle_timeout
             if trio.current_time() >= deadline:
-                self.transfer.reason = "idle timeout"
+                self.transfer.end = EndReason.IDLE_TIMEOUT
                 scope.cancel()
                 return
             await trio.sleep_until(deadline)
-
-
-def relay(
-    client: trio.abc.HalfCloseableStream,
-    backend: trio.abc.HalfCloseableStream,
-    *,
-    half_close: bool = True,
-    idle_timeout: float = 0.0,
-    pool: BufferPool | None = None,
-    transfer: Transfer | None = None,
-) -> Coroutine[object, object, Transfer]:
-    """Relay bytes between `client` and `backend` until both directions are done; close both.
-
-    Use it as `await relay(...)`. It is not an `async def` itself but returns the relay's
-    coroutine, so that every open connection carries one coroutine frame fewer (memory
-    per idle connection).
-
-    Args:
-        client: The accepted connection.
-        backend: The connection opened to the route's target.
-        half_close: Pass EOF on as a write shutdown (True), or end both ways on the first EOF.
-        idle_timeout: Seconds with no byte moving either way before closing both; 0 = never.
-        pool: Where socket directions take their buffers (default: the process-wide pool).
-        transfer: A Transfer to update live (so a caller can watch the byte counts).
-
-    Returns:
-        The Transfer: bytes each way and why the relay ended.
-
-    Raises:
-        trio.Cancelled: Only when cancelled from outside; both streams are closed first.
-    """
-    state = _Relay(
-        client,
-        backend,
-        half_close,
-        idle_timeout,
-        pool if pool is not None else buffer_pool(),
-        transfer if transfer is not None else Transfer(),
-    )
-    return state.run()

@@ -1,6 +1,6 @@
 """Hyper-V sockets (AF_HYPERV, Windows host, Python >= 3.12): listen, connect, and the I/O model.
 
-This module owns every AF_HYPERV socket and how its bytes move. endpoints.py dispatches
+This module owns every AF_HYPERV socket and how its bytes move. transports/__init__.py dispatches
 `hvsock://VM/SERVICE` here; what comes back is a trio listener or HalfCloseableStream, so the
 relay never learns which family it pumps.
 
@@ -25,21 +25,13 @@ Rules:
    path). If not, or if HVBRIDGE_HVSOCK_IO=threads, they are *blocking* sockets pumped by
    worker threads: ThreadSocketStream / ThreadSocketListener below, which work on any
    blocking socket and are tested on Linux with TCP and Unix sockets.
-5. Thread pump: each blocking call (recv, sendall, shutdown, accept, connect) runs in a worker
-   thread holding a token of a dedicated trio.CapacityLimiter (2 per connection, sized from
-   max_connections; never trio's default limiter, whose 40 threads would stall the 21st
-   connection). A call's result outlives a cancelled waiter: a cancelled receive_some leaves
-   its recv running and the next receive_some takes its bytes, so nothing is lost. A cancelled
-   send_all cannot know how much was sent, so the send side is then broken. aclose() never
-   waits for a thread: it wakes the blocked calls (closesocket on Windows cancels them; on
-   Linux shutdown() does) and the socket is closed by the last call to finish, so a socket
-   number is never reused while a thread may still use it.
+5. Threads: the thread pump (threadstream.py) takes its tokens from a dedicated
+   trio.CapacityLimiter per route, 2 per connection sized from max_connections (threads_for),
+   never trio's default limiter, whose 40 threads would stall the 21st connection.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import functools
 import logging
 import math
@@ -49,20 +41,19 @@ import socket
 import sys
 import uuid
 import weakref
-from typing import TYPE_CHECKING, Final, Generic, Literal, Protocol, TypeAlias, TypeVar, final
+from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeAlias, TypeVar, final
 
 import attrs
 import trio
 
-from hvbridge.endpoints import family_unavailable, translate_connect_error
 from hvbridge.errors import EndpointError
 from hvbridge.hyperv.guids import HV_GUID_LOOPBACK, service_id_for_port, sockaddr_vm_id, vm_id_matches
-from hvbridge.hyperv.vms import SubprocessVmLookup, VmLookup, VmLookupError, VmResolver
+from hvbridge.hyperv.vms import SubprocessVmLookup, VmLookupError, VmResolver
+from hvbridge.transports.base import BACKLOG, Stream, family_unavailable, translate_connect_error
+from hvbridge.transports.threadstream import ThreadSocketListener, ThreadSocketStream
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
-
-    import outcome
+    from collections.abc import Sequence
 
     from hvbridge.addresses import HyperVAddress
     from hvbridge.routes import RouteOptions
@@ -70,7 +61,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hvbridge.hvsock")
 
 T = TypeVar("T")
-Stream: TypeAlias = trio.abc.HalfCloseableStream
 IoModel = Literal["readiness", "threads"]
 HvSockaddr: TypeAlias = tuple[str, str] | tuple[str, int]
 
@@ -80,55 +70,7 @@ HVSOCKET_CONNECT_TIMEOUT_MAX: Final = 300_000
 PROBE_TIMEOUT: Final = 2.0
 #: Environment variable that skips the probe: `readiness` or `threads`.
 IO_MODEL_ENV: Final = "HVBRIDGE_HVSOCK_IO"
-#: Bytes a pumped receive asks for when the caller gives no max_bytes.
-DEFAULT_RECEIVE_SIZE: Final = 64 * 1024
-_BACKLOG: Final = 4096  # as endpoints.py; Windows clamps it to SOMAXCONN
 _PROBE_PAYLOAD: Final = b"hvbridge readiness probe"
-#: accept() errors that concern one connection, not the listener: the next accept() may work.
-#: The errno names trio.SocketListener ignores (trio/_highlevel_socket.py,
-#: _ignorable_accept_errno_names), so both I/O models treat them alike. On Windows, CPython's
-#: errno module gives these names their WSA numbers (Modules/errnomodule.c); the WSA numbers
-#: are also listed so that the set is the same everywhere. Winsock's accept() fails with
-#: WSAECONNRESET when a connection "was subsequently terminated by the remote peer prior to
-#: accepting the call" (Microsoft, accept function documentation).
-_ACCEPT_TRANSIENT_NAMES: Final = (
-    "EPERM",
-    "ECONNABORTED",
-    "EPROTO",
-    "ENETDOWN",
-    "ENOPROTOOPT",
-    "EHOSTDOWN",
-    "ENONET",
-    "EHOSTUNREACH",
-    "EOPNOTSUPP",
-    "ENETUNREACH",
-    "ENOSR",
-    "ESOCKTNOSUPPORT",
-    "EPROTONOSUPPORT",
-    "ETIMEDOUT",
-    "ECONNRESET",
-)
-_WSA_ACCEPT_TRANSIENT: Final = {
-    "WSAENOPROTOOPT": 10042,
-    "WSAEPROTONOSUPPORT": 10043,
-    "WSAESOCKTNOSUPPORT": 10044,
-    "WSAEOPNOTSUPP": 10045,
-    "WSAENETDOWN": 10050,
-    "WSAENETUNREACH": 10051,
-    "WSAECONNABORTED": 10053,
-    "WSAECONNRESET": 10054,
-    "WSAETIMEDOUT": 10060,
-    "WSAEHOSTDOWN": 10064,
-    "WSAEHOSTUNREACH": 10065,
-}
-ACCEPT_TRANSIENT_ERRNOS: Final = frozenset(
-    {getattr(errno, name) for name in _ACCEPT_TRANSIENT_NAMES if hasattr(errno, name)}
-    | set(_WSA_ACCEPT_TRANSIENT.values())
-)
-# closesocket() cancels blocking calls in other threads on Windows; on Linux close() does not
-# wake them (shutdown() does), and the descriptor number could be reused under them.
-_CLOSE_CANCELS_BLOCKING_CALLS: Final = sys.platform == "win32"
-
 
 # ------------------------------------------------------------------------- the platform
 
@@ -203,8 +145,8 @@ def unavailable_reason() -> str | None:
     return f"Hyper-V sockets (AF_HYPERV) need Windows and Python >= 3.12; this is {system} with Python {version}"
 
 
-def _require_api(address: HyperVAddress) -> HvSocketApi:
-    api = platform_api()
+def _require_api(hv: HyperVSockets, address: HyperVAddress) -> HvSocketApi:
+    api = hv.api
     if api is None:
         raise family_unavailable(address, unavailable_reason() or "AF_HYPERV is not available")
     return api
@@ -213,30 +155,13 @@ def _require_api(address: HyperVAddress) -> HvSocketApi:
 # ------------------------------------------------------------------------- VM names
 
 
-_resolver: VmResolver | None = None
-
-
-def vm_resolver() -> VmResolver:
-    """The process-wide VM-name resolver (PowerShell/WSL tools unless set_vm_lookup() was called)."""
-    global _resolver
-    if _resolver is None:
-        _resolver = VmResolver(SubprocessVmLookup())
-    return _resolver
-
-
-def set_vm_lookup(lookup: VmLookup | None) -> None:
-    """Use `lookup` for VM names from now on (None: back to the real tools); clears the cache."""
-    global _resolver
-    _resolver = None if lookup is None else VmResolver(lookup)
-
-
-async def resolve_vm_id(vm: uuid.UUID | str, *, refresh: bool = False, resolver: VmResolver | None = None) -> uuid.UUID:
+async def resolve_vm_id(vm: uuid.UUID | str, resolver: VmResolver, *, refresh: bool = False) -> uuid.UUID:
     """The VmId of `vm` (a GUID passes through), resolved in a worker thread.
 
     Args:
         vm: A VmId or a VM name.
+        resolver: Where names are resolved (HyperVSockets.resolver).
         refresh: Ask again instead of using the cache (see VmResolver.resolve).
-        resolver: Where names are resolved; None for the process-wide vm_resolver().
 
     Raises:
         VmLookupError: The name cannot be resolved.
@@ -244,23 +169,22 @@ async def resolve_vm_id(vm: uuid.UUID | str, *, refresh: bool = False, resolver:
     if isinstance(vm, uuid.UUID):
         await trio.lowlevel.checkpoint()
         return vm
-    resolve = functools.partial((resolver or vm_resolver()).resolve, vm, refresh=refresh)
+    resolve = functools.partial(resolver.resolve, vm, refresh=refresh)
     return await trio.to_thread.run_sync(resolve, abandon_on_cancel=True)
 
 
-async def _resolve_for(
-    address: HyperVAddress, op: str, *, refresh: bool = False, resolver: VmResolver | None = None
-) -> uuid.UUID:
+async def _resolve_for(address: HyperVAddress, op: str, resolver: VmResolver, *, refresh: bool = False) -> uuid.UUID:
     try:
-        return await resolve_vm_id(address.vm, refresh=refresh, resolver=resolver)
+        return await resolve_vm_id(address.vm, resolver, refresh=refresh)
     except VmLookupError as exc:
         raise EndpointError(str(address), op, str(exc)) from exc
 
 
-async def peer_vm_allowed(rules: Sequence[uuid.UUID | str], sockaddr: object) -> bool:
+async def peer_vm_allowed(hv: HyperVSockets, rules: Sequence[uuid.UUID | str], sockaddr: object) -> bool:
     """Whether an accepted hvsock peer passes `allow = ["vm:..."]` rules (docs/reference.md, "Who may connect").
 
     Args:
+        hv: Where VM names are resolved.
         rules: The VmRule values: VmIds (HV_GUID_ZERO admits all) or VM names.
         sockaddr: The peer address, as getpeername() returns it: `(vm_id, service_id)`.
 
@@ -273,7 +197,7 @@ async def peer_vm_allowed(rules: Sequence[uuid.UUID | str], sockaddr: object) ->
         return False
     for rule in rules:
         try:
-            vm_id = await resolve_vm_id(rule)
+            vm_id = await resolve_vm_id(rule, hv.resolver)
         except VmLookupError as exc:
             logger.warning("allow rule vm:%s cannot be resolved: %s", rule, exc)
             continue
@@ -291,10 +215,6 @@ class IoProbe:
 
     model: IoModel
     reason: str
-
-
-_io_probe: IoProbe | None = None
-_probe_lock: trio.lowlevel.RunVar[trio.Lock] = trio.lowlevel.RunVar("hvbridge_hvsock_probe_lock")
 
 
 async def probe_readiness(
@@ -381,24 +301,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-async def hyperv_io_model(api: HvSocketApi) -> IoProbe:
-    """The I/O model for hvsock sockets: probed once per process, or forced by HVBRIDGE_HVSOCK_IO."""
-    global _io_probe
-    try:
-        lock = _probe_lock.get()
-    except LookupError:
-        lock = trio.Lock()
-        _probe_lock.set(lock)
-    async with lock:
-        if _io_probe is None:
-            _io_probe = await _choose_io_model(api)
-        chosen = _io_probe
-    return chosen
-
-
-async def _choose_io_model(api: HvSocketApi) -> IoProbe:
+async def _choose_io_model(api: HvSocketApi, io_model: IoModel | None) -> IoProbe:
     forced = os.environ.get(IO_MODEL_ENV, "").strip().lower()
-    if forced in ("readiness", "threads"):
+    if io_model is not None:
+        probe = IoProbe(io_model, "set by the caller")
+    elif forced in ("readiness", "threads"):
         probe = IoProbe("readiness" if forced == "readiness" else "threads", f"set by {IO_MODEL_ENV}")
     else:
         if forced:
@@ -411,344 +318,66 @@ async def _choose_io_model(api: HvSocketApi) -> IoProbe:
     return probe
 
 
-# ------------------------------------------------------------------------- thread pump
-
-
-@final
-class _Call(Generic[T]):
-    """One blocking call in a worker thread. Its result waits here if nobody is waiting."""
-
-    def __init__(self, discard: Callable[[T], None] | None = None) -> None:
-        self.done = trio.Event()
-        self.value: T  # set by _Pump._finish unless error is
-        self.error: BaseException | None = None
-        self._discard = discard
-
-    def result(self) -> T:
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-        return self.value
-
-    def discard(self) -> None:
-        """Release a result nobody will take (e.g. close a connection accepted after close)."""
-        if self._discard is not None and self.done.is_set() and self.error is None:
-            discard, self._discard = self._discard, None
-            discard(self.value)
-
-
-@final
-class _Pump:
-    """Worker-thread calls on one blocking socket, and closing it safely under them."""
-
-    def __init__(self, sock: socket.socket, limiter: trio.CapacityLimiter) -> None:
-        self.sock = sock
-        self.limiter = limiter
-        self.closed = False
-        self.in_flight = 0
-        self._waiters: set[trio.CancelScope] = set()
-
-    async def start(self, fn: Callable[[], T], discard: Callable[[T], None] | None = None) -> _Call[T]:
-        """Start `fn` in a worker thread once a limiter token is free; return at once."""
-        call: _Call[T] = _Call(discard)
-        await self.limiter.acquire_on_behalf_of(call)
-        self.in_flight += 1
-        token = trio.lowlevel.current_trio_token()
-
-        def deliver(result: outcome.Outcome[T]) -> None:  # runs in the worker thread
-            # RunFinishedError: the run ended under this thread; nobody waits for the result.
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self._finish, call, result)
-
-        trio.lowlevel.start_thread_soon(fn, deliver, name="hvbridge hvsock pump")
-        return call
-
-    def _finish(self, call: _Call[T], result: outcome.Outcome[T]) -> None:
-        try:
-            call.value = result.unwrap()
-        except BaseException as exc:  # delivered to the waiter, whatever it is
-            call.error = exc
-        self.in_flight -= 1
-        self.limiter.release_on_behalf_of(call)
-        call.done.set()
-        if self.closed:
-            call.discard()
-            if self.in_flight == 0:
-                self.sock.close()
-
-    async def wait(self, call: _Call[T]) -> T:
-        """The call's result. Cancellation leaves the call running; close() interrupts.
-
-        Raises:
-            trio.ClosedResourceError: close() was called while waiting (whatever the call did).
-            OSError: What the call raised.
-        """
-        if call.done.is_set():
-            await trio.lowlevel.checkpoint()
-        else:
-            with trio.CancelScope() as scope:
-                self._waiters.add(scope)
-                try:
-                    await call.done.wait()
-                finally:
-                    self._waiters.discard(scope)
-        if self.closed:
-            call.discard()
-            raise trio.ClosedResourceError("the socket was closed by another task")
-        return call.result()
-
-    def close(self, how: int) -> None:
-        """Close the socket now, or wake the calls in flight and let the last one close it."""
-        if self.closed:
-            return
-        self.closed = True
-        for scope in self._waiters:
-            scope.cancel()
-        if self.in_flight == 0 or _CLOSE_CANCELS_BLOCKING_CALLS:
-            self.sock.close()
-            return
-        # OSError: not connected (any more), so the calls are failing by themselves.
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(how)
-
-
-@final
-class ThreadSocketStream(trio.abc.HalfCloseableStream):
-    """A HalfCloseableStream over a *blocking* socket, each call run in a worker thread.
-
-    Works on any connected SOCK_STREAM socket (AF_HYPERV when trio cannot wait on it; TCP and
-    Unix sockets in tests). At most two threads per stream: one receiving, one sending.
-
-    Args:
-        sock: A connected (or, for connect(), a fresh) socket; it is made blocking.
-        limiter: Where the stream's threads take their tokens.
-        receive_size: Bytes a receive asks for when receive_some() gets no max_bytes.
-
-    Attributes:
-        socket: The socket, for getpeername()/setsockopt() (e.g. SO_LINGER before aclose()).
-    """
-
-    def __init__(
-        self, sock: socket.socket, limiter: trio.CapacityLimiter, *, receive_size: int = DEFAULT_RECEIVE_SIZE
-    ) -> None:
-        sock.setblocking(True)
-        self.socket = sock
-        self._pump = _Pump(sock, limiter)
-        self._receive_size = receive_size
-        self._receive_call: _Call[bytes] | None = None
-        self._send_call: _Call[None] | None = None
-        self._leftover = b""
-        self._at_eof = False
-        self._eof_sent = False
-        self._send_broken: str | None = None
-        self._receiving = False
-        self._sending = False
-
-    @staticmethod
-    def _error(exc: OSError) -> trio.BrokenResourceError:
-        return trio.BrokenResourceError(f"socket error: {exc}")
-
-    async def connect(self, address: HvSockaddr) -> None:
-        """Connect the socket (blocking connect in a worker thread).
-
-        Raises:
-            OSError: The connect failed. On failure or cancellation the caller closes the stream.
-        """
-        call = await self._pump.start(functools.partial(self.socket.connect, address))
-        self._send_call = call
-        await self._pump.wait(call)
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Receive up to `max_bytes` bytes (b"" at EOF); see trio.abc.ReceiveStream."""
-        size = self._receive_size if max_bytes is None else max_bytes
-        if size < 1:
-            raise ValueError("max_bytes must be >= 1")
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
-        self._receiving = True
-        try:
-            if self._pump.closed:
-                raise trio.ClosedResourceError("the stream is closed")
-            if self._leftover or self._at_eof:
-                await trio.lowlevel.checkpoint()
-            else:
-                if self._receive_call is None:
-                    # A call left over from a cancelled receive is reused, so no byte is lost.
-                    self._receive_call = await self._pump.start(functools.partial(self.socket.recv, size))
-                call = self._receive_call
-                try:
-                    data = await self._pump.wait(call)
-                except OSError as exc:
-                    self._receive_call = None
-                    raise self._error(exc) from exc
-                self._receive_call = None
-                self._at_eof = not data
-                self._leftover = data
-            data, self._leftover = self._leftover[:size], self._leftover[size:]
-            return data
-        finally:
-            self._receiving = False
-
-    async def _send_call_in_thread(self, fn: Callable[[], None], what: str) -> None:
-        call = await self._pump.start(fn)
-        self._send_call = call
-        try:
-            await self._pump.wait(call)
-        except trio.Cancelled:
-            self._send_broken = f"a cancelled {what} left the send side in an unknown state"
-            raise
-        except OSError as exc:
-            raise self._error(exc) from exc
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Send all of `data`; see trio.abc.SendStream."""
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        self._sending = True
-        try:
-            self._check_sendable()
-            if not data:
-                await trio.lowlevel.checkpoint()
-                return
-            # Copy: the caller may reuse its buffer while an abandoned thread still sends it.
-            await self._send_call_in_thread(functools.partial(self.socket.sendall, bytes(data)), "send_all")
-        finally:
-            self._sending = False
-
-    async def send_eof(self) -> None:
-        """Shut down the sending half (SHUT_WR); idempotent. See trio.abc.HalfCloseableStream."""
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        self._sending = True
-        try:
-            self._check_sendable()
-            if self._eof_sent:
-                await trio.lowlevel.checkpoint()
-                return
-            await self._send_call_in_thread(functools.partial(self.socket.shutdown, socket.SHUT_WR), "send_eof")
-            self._eof_sent = True
-        finally:
-            self._sending = False
-
-    def _check_sendable(self) -> None:
-        if self._pump.closed:
-            raise trio.ClosedResourceError("the stream is closed")
-        if self._send_broken is not None:
-            raise trio.BrokenResourceError(self._send_broken)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        """Return at once: a blocking sendall in a thread never needs the caller to wait first."""
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        if self._pump.closed:
-            raise trio.ClosedResourceError("the stream is closed")
-        await trio.lowlevel.checkpoint()
-
-    def close_now(self) -> None:
-        """aclose() without the checkpoint, for cleanup paths that must not await."""
-        sending = self._send_call is not None and not self._send_call.done.is_set()
-        self._pump.close(socket.SHUT_RDWR if sending else socket.SHUT_RD)
-
-    async def aclose(self) -> None:
-        """Close without waiting for threads; a blocked recv/sendall is woken and then closes it."""
-        self.close_now()
-        await trio.lowlevel.checkpoint()
-
-
-@final
-class ThreadSocketListener(trio.abc.Listener[Stream]):
-    """A trio Listener over a *blocking* listening socket; accept() runs in a worker thread.
-
-    Args:
-        sock: A bound, listening socket; it is made blocking.
-        limiter: Shared by the accept thread and every accepted stream's threads.
-
-    Attributes:
-        socket: The listening socket (for getsockname()).
-    """
-
-    def __init__(self, sock: socket.socket, limiter: trio.CapacityLimiter) -> None:
-        sock.setblocking(True)
-        self.socket = sock
-        self._limiter = limiter
-        self._pump = _Pump(sock, limiter)
-        self._accept_call: _Call[tuple[socket.socket, object]] | None = None
-        self._accepting = False
-
-    async def accept(self) -> ThreadSocketStream:
-        """Accept one connection.
-
-        accept() errors that concern one connection (ACCEPT_TRANSIENT_ERRNOS, e.g. a peer that
-        reset before it was accepted) are logged at debug level and the next one is accepted.
-
-        Raises:
-            trio.ClosedResourceError: The listener is closed.
-            OSError: accept() failed (trio.serve_listeners retries EMFILE and friends).
-        """
-        if self._accepting:
-            raise trio.BusyResourceError("another task is already accepting on this listener")
-        self._accepting = True
-        try:
-            while True:
-                if self._pump.closed:
-                    raise trio.ClosedResourceError("the listener is closed")
-                if self._accept_call is None:
-                    self._accept_call = await self._pump.start(self.socket.accept, _close_accepted)
-                call = self._accept_call
-                try:
-                    conn, _ = await self._pump.wait(call)
-                except OSError as exc:
-                    self._accept_call = None  # accept() failed; the next call starts a new one
-                    if exc.errno not in ACCEPT_TRANSIENT_ERRNOS:
-                        raise
-                    logger.debug("accept() failed for one connection, accepting the next: %s", exc)
-                    continue
-                self._accept_call = None
-                return ThreadSocketStream(conn, self._limiter)
-        finally:
-            self._accepting = False
-
-    async def aclose(self) -> None:
-        """Stop listening; a blocked accept() is woken and then closes the socket."""
-        self._pump.close(socket.SHUT_RDWR)
-        await trio.lowlevel.checkpoint()
-
-
-def _close_accepted(result: tuple[socket.socket, object]) -> None:
-    result[0].close()
-
-
 def threads_for(max_connections: int) -> int:
     """Worker threads a route's hvsock side may need: one per direction per connection."""
     return 2 * max(1, max_connections)
 
 
 # One limiter per route for connected streams, keyed by the identity of the route's
-# RouteOptions (each route has its own object), per trio run.
+# RouteOptions (each route has its own object).
 _LimiterTable: TypeAlias = dict[int, tuple["weakref.ref[RouteOptions]", trio.CapacityLimiter]]
-_connect_limiters: trio.lowlevel.RunVar[_LimiterTable] = trio.lowlevel.RunVar("hvbridge_hvsock_limiters")
 
 
-def route_limiter(options: RouteOptions) -> trio.CapacityLimiter:
-    """The thread limiter for connections a route opens (threads_for(max_connections) tokens)."""
-    try:
-        table = _connect_limiters.get()
-    except LookupError:
-        table = {}
-        _connect_limiters.set(table)
-    # An entry lives exactly as long as its RouteOptions: the weakref callback runs while the
-    # object is freed, before its id can be reused.
-    key = id(options)
-    entry = table.get(key)
-    if entry is not None:
-        return entry[1]
+def _default_resolver() -> VmResolver:
+    return VmResolver(SubprocessVmLookup())
 
-    def forget(_ref: weakref.ref[RouteOptions]) -> None:
-        table.pop(key, None)
 
-    limiter = trio.CapacityLimiter(threads_for(options.max_connections))
-    table[key] = (weakref.ref(options, forget), limiter)
-    return limiter
+@final
+@attrs.define(eq=False)
+class HyperVSockets:
+    """What hvsock endpoints keep between calls; one per process, held by backend.Backend.
+
+    Args:
+        resolver: Where VM names are resolved (default: the PowerShell/WSL tools).
+        io_model: Force the I/O model; None: HVBRIDGE_HVSOCK_IO, else probe once (rule 4).
+        api: The AF_HYPERV API (default: this interpreter's, None where it has none).
+    """
+
+    resolver: VmResolver = attrs.field(factory=_default_resolver)
+    io_model: IoModel | None = None
+    api: HvSocketApi | None = attrs.field(factory=platform_api)
+    _probe: IoProbe | None = attrs.field(default=None, init=False)
+    _probe_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+    _limiters: _LimiterTable = attrs.field(factory=dict, init=False)
+
+    async def io(self, api: HvSocketApi) -> IoProbe:
+        """The I/O model for hvsock sockets: chosen once (forced, or probed), then kept."""
+        async with self._probe_lock:
+            if self._probe is None:
+                self._probe = await _choose_io_model(api, self.io_model)
+            chosen = self._probe
+        return chosen
+
+    def route_limiter(self, options: RouteOptions) -> trio.CapacityLimiter:
+        """The thread limiter for connections a route opens (threads_for(max_connections) tokens)."""
+        table = self._limiters
+        # An entry lives exactly as long as its RouteOptions: the weakref callback runs while the
+        # object is freed, before its id can be reused.
+        key = id(options)
+        entry = table.get(key)
+        if entry is not None:
+            return entry[1]
+
+        def forget(_ref: weakref.ref[RouteOptions]) -> None:
+            table.pop(key, None)
+
+        limiter = trio.CapacityLimiter(threads_for(options.max_connections))
+        table[key] = (weakref.ref(options, forget), limiter)
+        return limiter
+
+    def limiters(self) -> int:
+        """How many routes have a connect limiter (entries leave with their RouteOptions)."""
+        return len(self._limiters)
 
 
 # ------------------------------------------------------------------------- listen / connect
@@ -773,7 +402,7 @@ class HvSocketListener(trio.abc.Listener[Stream]):
     while no connection comes, and after an accept() error; the service calls it on reload.
 
     Attributes:
-        socket: The listening socket (endpoints.listener_address() reads it).
+        socket: The listening socket (base.listener_address() reads it).
         address: The route's listen address.
         vm_id: The VmId it is bound to (a VM name resolved).
         model: The I/O model in use.
@@ -788,7 +417,7 @@ class HvSocketListener(trio.abc.Listener[Stream]):
         vm_id: uuid.UUID,
         model: IoModel,
         options: RouteOptions,
-        resolver: VmResolver | None = None,
+        resolver: VmResolver,
         recheck_interval: float = VM_RECHECK_INTERVAL,
     ) -> None:
         self.inner = inner
@@ -844,7 +473,7 @@ class HvSocketListener(trio.abc.Listener[Stream]):
             return False
         async with self._refresh_lock:
             try:
-                fresh = await resolve_vm_id(self.address.vm, refresh=True, resolver=self._resolver)
+                fresh = await resolve_vm_id(self.address.vm, self._resolver, refresh=True)
             except VmLookupError as exc:
                 logger.info(
                     "listen %s: cannot look VM %r up again, keeping %s: %s",
@@ -924,7 +553,7 @@ def _bind(
         if options.connected_suspend:
             api.set_connected_suspend(sock)
         sock.bind(api.sockaddr(vm_id, address.service_id))
-        sock.listen(_BACKLOG)
+        sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
         raise EndpointError(str(address), "listen", _listen_message(exc)) from exc
@@ -937,8 +566,8 @@ def _bind(
 async def open_hvsock_listener(
     address: HyperVAddress,
     options: RouteOptions,
+    hv: HyperVSockets,
     *,
-    resolver: VmResolver | None = None,
     recheck_interval: float = VM_RECHECK_INTERVAL,
 ) -> HvSocketListener:
     """Bind and listen on `address` (a VM name is resolved to its VmId first).
@@ -946,16 +575,16 @@ async def open_hvsock_listener(
     Args:
         address: Where to listen.
         options: The route's options (connected_suspend, max_connections).
-        resolver: Where VM names are resolved; None for the process-wide vm_resolver().
+        hv: The process's Hyper-V socket state (VM names, I/O model).
         recheck_interval: Seconds between look-ups of a VM name while idle (HvSocketListener).
 
     Raises:
         AddressFamilyUnavailable: Not Windows, or Python < 3.12.
         EndpointError: The VM name cannot be resolved, or bind/listen failed.
     """
-    api = _require_api(address)
-    probe = await hyperv_io_model(api)
-    vm_id = await _resolve_for(address, "listen", resolver=resolver)
+    api = _require_api(hv, address)
+    probe = await hv.io(api)
+    vm_id = await _resolve_for(address, "listen", hv.resolver)
     return HvSocketListener(
         _bind(api, address, vm_id, probe.model, options),
         api=api,
@@ -963,12 +592,12 @@ async def open_hvsock_listener(
         vm_id=vm_id,
         model=probe.model,
         options=options,
-        resolver=resolver,
+        resolver=hv.resolver,
         recheck_interval=recheck_interval,
     )
 
 
-async def connect_hvsock(address: HyperVAddress, options: RouteOptions) -> Stream:
+async def connect_hvsock(address: HyperVAddress, options: RouteOptions, hv: HyperVSockets) -> Stream:
     """Open a stream to `address`. The caller bounds the wait (connect_timeout).
 
     A VM name is resolved (cached); if the connect then fails, the name is resolved again
@@ -980,24 +609,24 @@ async def connect_hvsock(address: HyperVAddress, options: RouteOptions) -> Strea
         BackendUnavailable: Refused, timed out, VM not running: worth a retry.
         EndpointError: The VM name cannot be resolved, or another failure.
     """
-    api = _require_api(address)
-    probe = await hyperv_io_model(api)
-    vm_id = await _resolve_for(address, "connect")
+    api = _require_api(hv, address)
+    probe = await hv.io(api)
+    vm_id = await _resolve_for(address, "connect", hv.resolver)
     try:
-        return await _connect(api, probe.model, vm_id, address, options)
+        return await _connect(api, probe.model, vm_id, address, options, hv)
     except EndpointError:
         # Whatever Windows says for a VmId that no longer exists, look the name up again.
         if not isinstance(address.vm, str):
             raise
-        fresh = await _resolve_for(address, "connect", refresh=True)
+        fresh = await _resolve_for(address, "connect", hv.resolver, refresh=True)
         if fresh == vm_id:
             raise
         logger.info("VM %r changed VmId from %s to %s; connecting again", address.vm, vm_id, fresh)
-        return await _connect(api, probe.model, fresh, address, options)
+        return await _connect(api, probe.model, fresh, address, options, hv)
 
 
 async def _connect(
-    api: HvSocketApi, model: IoModel, vm_id: uuid.UUID, address: HyperVAddress, options: RouteOptions
+    api: HvSocketApi, model: IoModel, vm_id: uuid.UUID, address: HyperVAddress, options: RouteOptions, hv: HyperVSockets
 ) -> Stream:
     sock = _new_socket(api, address, "connect")
     try:
@@ -1026,7 +655,7 @@ async def _connect(
             if not connected:
                 trio_sock.close()
         return trio.SocketStream(trio_sock)
-    stream = ThreadSocketStream(sock, route_limiter(options))
+    stream = ThreadSocketStream(sock, hv.route_limiter(options))
     try:
         await stream.connect(target)
         connected = True
