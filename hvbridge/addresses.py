@@ -126,6 +126,11 @@ class VsockMuxAddress:
     def __str__(self) -> str:
         return f"vsock-mux://{self.path}:{self.port}"
 
+    @property
+    def listen_path(self) -> str:
+        """Where the VMM delivers guest-initiated connections to `port`: the Unix socket `PATH_PORT`."""
+        return listen_path_for(self.path, self.port)
+
 
 @attrs.frozen
 class StdioAddress:
@@ -309,13 +314,18 @@ def _parse_hvsock(rest: str) -> HyperVAddress:
     return HyperVAddress(vm, service_id)
 
 
+def listen_path_for(path: str, port: int) -> str:
+    """Firecracker's and Cloud Hypervisor's rule: guest connections to vsock PORT arrive on `PATH_PORT`."""
+    return f"{path}_{port}"
+
+
 def _parse_vsock_mux(rest: str) -> VsockMuxAddress:
     path, sep, port_text = rest.rpartition(":")
     if not sep or not path.startswith("/"):
         raise AddressError(f"invalid hybrid vsock address {'vsock-mux://' + rest!r}; expected vsock-mux:///PATH:PORT")
     port = _int_in_range(port_text, 0, _MAX_U32 - 1, "vsock port")
     # The listen side binds PATH_PORT, so that name must fit too.
-    _check_path(f"{path}_{port}", "hybrid vsock socket path")
+    _check_path(listen_path_for(path, port), "hybrid vsock socket path")
     return VsockMuxAddress(_check_path(path, "hybrid vsock socket path"), port)
 
 
@@ -333,6 +343,16 @@ def _check_role(address: Address, role: Role) -> None:
             pass
         case _:
             assert_never(address)
+
+
+def is_ephemeral(address: Address) -> bool:
+    """Whether a listener on `address` gets a port of its own choosing (TCP port 0, vsock port `any`).
+
+    Two such listeners never share a socket or collide, whatever else they have in common.
+    """
+    return (isinstance(address, TcpAddress) and address.port == 0) or (
+        isinstance(address, VsockAddress) and address.port == VMADDR_PORT_ANY
+    )
 
 
 def family_name(address: Address) -> str:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
-from hvbridge.addresses import VMADDR_PORT_ANY, Address, TcpAddress, UnixAddress, VsockAddress
+from hvbridge.addresses import Address, TcpAddress, UnixAddress, is_ephemeral
 from hvbridge.backend import Backend
 from hvbridge.config import COMMAND_LINE, ListenBinds
 from hvbridge.errors import EndpointError, HvbridgeError
@@ -88,17 +88,13 @@ def inherit(sockets: list[ActivatedSocket]) -> list[Inherited]:
 
 
 #: What a pool keeps listeners by: the listen address, plus the route name when the address
-#: is ephemeral (TCP port 0, vsock port any), where two routes never share a socket.
+#: is ephemeral (addresses.is_ephemeral).
 PoolKey = tuple[Address, str | None]
 
 
 def pool_key(route: Route) -> PoolKey:
     """The key of `route`'s listeners in a ListenerPool."""
-    address = route.listen
-    ephemeral = (isinstance(address, TcpAddress) and address.port == 0) or (
-        isinstance(address, VsockAddress) and address.port == VMADDR_PORT_ANY
-    )
-    return address, route.name if ephemeral else None
+    return route.listen, route.name if is_ephemeral(route.listen) else None
 
 
 @final

@@ -15,7 +15,6 @@ import attrs
 
 from hvbridge.addresses import (
     VMADDR_CID_ANY,
-    VMADDR_PORT_ANY,
     Address,
     HyperVAddress,
     StdioAddress,
@@ -23,6 +22,7 @@ from hvbridge.addresses import (
     UnixAddress,
     VsockAddress,
     VsockMuxAddress,
+    is_ephemeral,
 )
 from hvbridge.config.problems import quote, show_key
 from hvbridge.errors import Problem
@@ -46,8 +46,10 @@ _BindKey = tuple[str, object, object, bool]
 
 def _bind_keys(address: Address, resolve: Resolve | None) -> list[_BindKey]:
     """What a listener on `address` binds; [] when each bind gets its own (port 0, port any)."""
+    if is_ephemeral(address):
+        return []
     match address:
-        case TcpAddress(port=0) | StdioAddress():
+        case StdioAddress():
             return []
         case TcpAddress(host=host, port=port):
             hosts = [host]
@@ -61,8 +63,6 @@ def _bind_keys(address: Address, resolve: Resolve | None) -> list[_BindKey]:
                 if ip is not None:
                     keys.append((f"ipv{ip.version}", port, ip, ip.is_unspecified))
             return keys
-        case VsockAddress(port=port) if port == VMADDR_PORT_ANY:
-            return []
         case VsockAddress(cid=cid, port=port):
             return [("vsock", port, cid, cid == VMADDR_CID_ANY)]
         case UnixAddress(abstract=True):
@@ -70,7 +70,7 @@ def _bind_keys(address: Address, resolve: Resolve | None) -> list[_BindKey]:
         case UnixAddress():
             return [("unix", 0, os.path.normpath(address.path), False)]
         case VsockMuxAddress():  # the listen side binds PATH_PORT (docs/reference.md, "Endpoints")
-            return [("unix", 0, os.path.normpath(f"{address.path}_{address.port}"), False)]
+            return [("unix", 0, os.path.normpath(address.listen_path), False)]
         case HyperVAddress(vm=vm, service_id=service):
             return [("hvsock", service, vm.casefold() if isinstance(vm, str) else vm, vm == HV_GUID_ZERO)]
         case _:

@@ -77,6 +77,14 @@ def error_text(code: int) -> str:
     return table[code].rstrip(".") if code in table else os.strerror(code)
 
 
+def oserror_text(exc: OSError) -> str:
+    """An OSError's reason, readable on Windows too (the Winsock text before Python's own)."""
+    table: dict[int, str] = getattr(socket, "errorTab", {})
+    if exc.errno in table:
+        return table[exc.errno].rstrip(".")
+    return exc.strerror or str(exc)
+
+
 def _sub_errors(exc: OSError) -> list[BaseException]:
     # trio.open_tcp_stream raises one OSError whose cause is a group of per-address errors.
     cause = exc.__cause__
@@ -93,7 +101,7 @@ def listen_hint(exc: OSError) -> str:
         return "permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE"
     if exc.errno == errno.EADDRNOTAVAIL:
         return "address not available on this machine; use an address of a local interface"
-    return exc.strerror or str(exc)
+    return oserror_text(exc)
 
 
 async def abort(stream: trio.abc.AsyncResource) -> None:

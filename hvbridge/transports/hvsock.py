@@ -49,7 +49,7 @@ import trio
 from hvbridge.errors import EndpointError
 from hvbridge.hyperv.guids import HV_GUID_LOOPBACK, service_id_for_port, sockaddr_vm_id, vm_id_matches
 from hvbridge.hyperv.vms import SubprocessVmLookup, VmLookupError, VmResolver
-from hvbridge.transports.base import BACKLOG, Stream, family_unavailable, translate_connect_error
+from hvbridge.transports.base import BACKLOG, Stream, family_unavailable, oserror_text, translate_connect_error
 from hvbridge.transports.threadstream import ThreadSocketListener, ThreadSocketStream
 
 if TYPE_CHECKING:
@@ -296,8 +296,8 @@ async def _exchange(
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return _describe(exc.exceptions[0])
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{type(exc).__name__}: {exc.strerror}"
+    if isinstance(exc, OSError) and (exc.strerror or exc.errno):
+        return f"{type(exc).__name__}: {oserror_text(exc)}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
@@ -521,7 +521,7 @@ def _new_socket(api: HvSocketApi, address: HyperVAddress, op: str) -> socket.soc
         raise EndpointError(
             str(address),
             op,
-            f"cannot create a Hyper-V socket ({exc.strerror or exc}); Hyper-V sockets need Windows 10 /"
+            f"cannot create a Hyper-V socket ({oserror_text(exc)}); Hyper-V sockets need Windows 10 /"
             " Server 2016 or later with Hyper-V enabled",
         ) from exc
 
@@ -537,7 +537,7 @@ def _listen_message(exc: OSError) -> str:
             " the user who runs WSL (administrator rights do not help), for a Hyper-V VM a member of"
             " 'Hyper-V Administrators'"
         )
-    return exc.strerror or str(exc)
+    return oserror_text(exc)
 
 
 def _bind(
@@ -637,9 +637,7 @@ async def _connect(
             api.set_connected_suspend(sock)
     except OSError as exc:
         sock.close()
-        raise EndpointError(
-            str(address), "connect", f"cannot set Hyper-V socket options: {exc.strerror or exc}"
-        ) from exc
+        raise EndpointError(str(address), "connect", f"cannot set Hyper-V socket options: {oserror_text(exc)}") from exc
     target = api.sockaddr(vm_id, address.service_id)
     # Close on any failure, cancellation included, without awaiting in an except block
     # (under an outer cancellation a second await there would raise before the close).

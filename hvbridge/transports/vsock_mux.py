@@ -66,11 +66,6 @@ def _reason(exc: OSError) -> str:
     return error_text(exc.errno) if exc.errno else str(exc)
 
 
-def mux_listen_path(address: VsockMuxAddress) -> str:
-    """Where a VMM delivers guest-initiated connections to `address.port`: `PATH_PORT`."""
-    return f"{address.path}_{address.port}"
-
-
 async def open_mux_listener(address: VsockMuxAddress, options: RouteOptions) -> UnixListener:
     """Listen for guest-initiated hybrid vsock connections on the Unix socket `PATH_PORT`.
 
@@ -81,9 +76,9 @@ async def open_mux_listener(address: VsockMuxAddress, options: RouteOptions) -> 
         EndpointError: The socket file cannot be created.
     """
     try:
-        return open_unix_listener(UnixAddress(mux_listen_path(address)), options)
+        return open_unix_listener(UnixAddress(address.listen_path), options)
     except EndpointError as exc:
-        raise EndpointError(str(address), "listen", f"{mux_listen_path(address)}: {exc.message}") from exc
+        raise EndpointError(str(address), "listen", f"{address.listen_path}: {exc.message}") from exc
 
 
 async def connect_mux(address: VsockMuxAddress, options: RouteOptions) -> trio.SocketStream:

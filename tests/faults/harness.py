@@ -55,7 +55,7 @@ def fd_count(pid: int) -> int:
 class Fds:
     """A census of a process's open file descriptors by kind (`socket`, `pipe`, `eventpoll`, ...).
 
-    hvbridge's splice fast path (hvbridge/splice.py) lazily opens one epoll per process and
+    hvbridge's splice fast path (hvbridge/relay/splice.py) lazily opens one epoll per process and
     keeps up to 16 free pipes (32 fds) for reuse; so "back to baseline" means: every kind
     exactly as before, except pipes and epolls, which may exceed it by that cache.
     """
@@ -82,7 +82,7 @@ class Fds:
         return True
 
 
-#: What hvbridge/splice.py keeps open between connections (see Fds).
+#: What hvbridge/relay/splice.py keeps open between connections (see Fds).
 CACHED_PIPES: Final = 16
 CACHED_EPOLLS: Final = 1
 CACHED_EVENTFDS: Final = 1  # the reactor thread's wake-up
