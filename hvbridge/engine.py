@@ -101,8 +101,13 @@ class LocalEngine:
         except Exception as exc:
             if not started:
                 raise
-            # An accept error that is not a lack of resources ends this route only.
-            event(logging.ERROR, f"route stopped: {_describe(exc)}", route=running.route.name)
+            if isinstance(single_leaf(exc), trio.ClosedResourceError):
+                # The pool closed its listener: a reload moved the route to another spelling of the
+                # same address, and the new table's route takes the port over at once.
+                event(logging.INFO, "route stopped: its listener was released by a reload", route=running.route.name)
+            else:
+                # An accept error that is not a lack of resources ends this route only.
+                event(logging.ERROR, f"route stopped: {_describe(exc)}", route=running.route.name)
         finally:
             running.done.set()
             if self.running.get(running.route.name) is running:

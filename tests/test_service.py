@@ -251,7 +251,9 @@ async def test_reload_that_cannot_bind_keeps_the_table(nursery: trio.Nursery, ca
 
 
 @pytest.mark.parametrize("spelling", ["tcp://0.0.0.0:{port}", "tcp://localhost:{port}", "tcp://127.0.0.1:{port}"])
-async def test_reload_moves_a_route_to_another_spelling_of_its_port(nursery: trio.Nursery, spelling: str) -> None:
+async def test_reload_moves_a_route_to_another_spelling_of_its_port(
+    nursery: trio.Nursery, spelling: str, caplog: pytest.LogCaptureFixture
+) -> None:
     with trio.fail_after(TIMEOUT):
         backend = await echo_backend(nursery)
         with socket.socket() as probe:  # a port free a moment ago; the route binds it at once
@@ -261,11 +263,13 @@ async def test_reload_moves_a_route_to_another_spelling_of_its_port(nursery: tri
         first = "tcp://127.0.0.1:{port}" if spelling != "tcp://127.0.0.1:{port}" else "tcp://0.0.0.0:{port}"
         svc = await start(nursery, table(route("web", backend, listen=first.format(port=port))), loader)
         loader.results.append(table(route("web", backend, listen=spelling.format(port=port))))
-        assert await svc.reload()
+        with caplog.at_level(logging.INFO, "hvbridge"):
+            assert await svc.reload()
         assert svc.table is not None
         assert str(svc.table.routes[0].listen) == spelling.format(port=port)
         await assert_serves(TcpAddress("127.0.0.1", port))
         assert len(svc.pool.opened) == 1
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
         svc.request_stop("test")
 
 
