@@ -14,7 +14,6 @@ import math
 import os
 import re
 import sys
-import time
 import uuid
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import TYPE_CHECKING, Final
@@ -747,13 +746,12 @@ def test_toml_syntax_errors() -> None:
 # ------------------------------------------------------------------------------- hostile input
 
 
-def test_billion_laughs_is_refused_quickly() -> None:
+def test_billion_laughs_is_refused_at_the_first_alias() -> None:
     lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     lines += [f"a{n}: &a{n} [" + ", ".join([f"*a{n - 1}"] * 9) + "]" for n in range(1, 10)]
-    start = time.monotonic()
+    # Refused at the first alias, before anything is expanded: the message says where.
     with raises("routes.yaml:2: YAML aliases (*a0) are not supported; write the value out in full"):
         check("\n".join(lines), "yaml")
-    assert time.monotonic() - start < 1.0
 
 
 def test_recursive_alias_is_refused() -> None:
@@ -798,10 +796,10 @@ def test_recursive_alias_is_refused() -> None:
     ],
 )
 def test_deep_nesting(text: str, fmt: Format, message: str) -> None:
-    start = time.monotonic()
+    # The message shows the bound acted (refused while composing, or before tomllib parses), which
+    # is what keeps the time bounded; the time itself is not asserted.
     with raises(message):
         check(text, fmt)
-    assert time.monotonic() - start < 5.0
 
 
 def test_dots_in_strings_and_comments_are_not_key_parts() -> None:
