@@ -282,8 +282,10 @@ def test_a_unix_route_with_owner_group_and_mode_runs_under_the_units_filter(run_
         [*launcher, hvbridge, "-c", str(table)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
+        # Wait until it listens: the owner and group are set between bind() and listen(), so a
+        # file that merely exists may not have them yet, but nobody can connect before they are.
         for _ in range(400):  # 20 s
-            if path.exists() or process.poll() is not None:
+            if process.poll() is not None or _accepts(path):
                 break
             time.sleep(0.05)
         assert process.poll() is None, f"hvbridge exited with {process.returncode}: {process.communicate()[1]}"
@@ -311,6 +313,16 @@ def test_a_unix_route_with_owner_group_and_mode_runs_under_the_units_filter(run_
         backend.close()
         echo.join(60)
     assert process.returncode == 0, log
+
+
+def _accepts(path: Path) -> bool:
+    """Whether a Unix socket listens at `path`, from /proc/net/unix (flag __SO_ACCEPTCON), without connecting."""
+    with open("/proc/net/unix") as table:
+        return any(
+            fields[-1] == str(path) and int(fields[3], 16) & 0x10000
+            for fields in (line.split() for line in table.readlines()[1:])
+            if len(fields) == 8
+        )
 
 
 @pytest.mark.slow

@@ -6,17 +6,15 @@ base.listener_address() shows. A connect to an IP literal skips the resolver (co
 
 from __future__ import annotations
 
-import errno
 import functools
 import ipaddress
-import os
 import socket
 from typing import TYPE_CHECKING
 
 import trio
 
 from hvbridge.errors import EndpointError
-from hvbridge.transports.base import BACKLOG, Listener, Stream, listen_hint, translate_connect_error
+from hvbridge.transports.base import BACKLOG, Listener, Stream, error_text, listen_hint, translate_connect_error
 
 if TYPE_CHECKING:
     from hvbridge.addresses import TcpAddress
@@ -51,12 +49,13 @@ async def connect_tcp(address: TcpAddress) -> Stream:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            error = sock.connect_ex((address.host, address.port))
-            if error == errno.EINPROGRESS:
+            try:
+                sock.connect((address.host, address.port))
+            except BlockingIOError:  # EINPROGRESS here, WSAEWOULDBLOCK on Windows
                 await trio.lowlevel.wait_writable(sock)
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                raise OSError(error, os.strerror(error))
+                if error:
+                    raise OSError(error, error_text(error)) from None
         except BaseException:
             sock.close()
             raise
