@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 from click.testing import CliRunner
+from support.tables import MISTAKES_TOML, MISTAKES_YAML
 
 from hvbridge import __version__
 from hvbridge.addresses import TcpAddress
@@ -463,43 +464,6 @@ async def test_connect_takes_sigint_as_an_interrupt(monkeypatch: pytest.MonkeyPa
     assert _interrupted(raised.value)
 
 
-_MISTAKES_TOML = """\
-[bridge]
-log_level = "loud"
-
-[defaults]
-conect_timeout = "5s"
-
-[routes.ssh]
-listen = "tcp://127.0.0.1:70000"
-connect = "tcp://127.0.0.1:22"
-idle_timeout = "soon"
-
-[routes.web]
-listen = "tcp://127.0.0.1:8080"
-connect = "tcp://127.0.0.1:80"
-
-[routes.web2]
-listen = "tcp://127.0.0.1:8080"
-connect = "tcp://127.0.0.1:81"
-"""
-_MISTAKES_YAML = """\
-bridge:
-  log_level: loud
-defaults:
-  conect_timeout: 5s
-routes:
-  ssh:
-    listen: tcp://127.0.0.1:70000
-    connect: tcp://127.0.0.1:22
-    idle_timeout: soon
-  web:
-    listen: tcp://127.0.0.1:8080
-    connect: tcp://127.0.0.1:80
-  web2:
-    listen: tcp://127.0.0.1:8080
-    connect: tcp://127.0.0.1:81
-"""
 #: Each mistake above as `check` prints it, with its TOML and YAML line.
 _MISTAKE_LINES = [
     (2, 2, "bridge.log_level: got 'loud'; expected one of: debug, info, warning, error"),
@@ -520,7 +484,7 @@ _MISTAKE_LINES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "text"), [("routes.toml", _MISTAKES_TOML), ("routes.yaml", _MISTAKES_YAML)])
+@pytest.mark.parametrize(("name", "text"), [("routes.toml", MISTAKES_TOML), ("routes.yaml", MISTAKES_YAML)])
 def test_check_lists_every_mistake_in_one_run(runner: CliRunner, tmp_path: Path, name: str, text: str) -> None:
     path = tmp_path / name
     path.write_text(text)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 from support.processes import run_hvbridge
+from support.tables import MISTAKES_TOML
 
 from hvbridge import __version__
 
@@ -25,26 +26,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.slow
 
-MISTAKES_TOML = """\
-[bridge]
-log_level = "loud"
-
-[defaults]
-conect_timeout = "5s"
-
-[routes.ssh]
-listen = "tcp://127.0.0.1:70000"
-connect = "tcp://127.0.0.1:22"
-idle_timeout = "soon"
-
-[routes.web]
-listen = "tcp://127.0.0.1:8080"
-connect = "tcp://127.0.0.1:80"
-
-[routes.web2]
-listen = "tcp://127.0.0.1:8080"
-connect = "tcp://127.0.0.1:81"
-"""
 
 #: Problems in MISTAKES_TOML (test_cli.py checks each line in process).
 MISTAKE_COUNT = 5
