@@ -23,6 +23,7 @@ import trio
 from hvbridge import __version__, metrics, sshconfig, transports
 from hvbridge.addresses import VMADDR_PORT_ANY, Address, StdioAddress, TcpAddress, VsockAddress, parse_address
 from hvbridge.backend import Backend
+from hvbridge.cli_errors import UserError, user_errors
 from hvbridge.cli_hyperv import hyperv_group
 from hvbridge.config import (
     COMMAND_LINE,
@@ -34,7 +35,7 @@ from hvbridge.config import (
     table_from_mapping,
 )
 from hvbridge.engine import Engine, open_local_engine
-from hvbridge.errors import AddressError, ConfigError, EndpointError, HvbridgeError
+from hvbridge.errors import AddressError, ConfigError, EndpointError
 from hvbridge.hyperv.guids import hyperv_port_problem
 from hvbridge.listeners import ListenerPool, inherit
 from hvbridge.logs import event, setup_logging
@@ -54,42 +55,6 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 LogFormat = Literal["text", "json"]
-
-
-class UserError(click.ClickException):
-    """An HvbridgeError for the user: one `Error: ...` line per problem, exit status 1."""
-
-    def show(self, file: object = None) -> None:
-        """Print each line of the message as its own `Error: ...` line on stderr."""
-        for line in self.message.splitlines() or [""]:
-            click.echo(f"Error: {line}", err=True)
-
-
-def _first_user_error(exc: BaseException) -> HvbridgeError | None:
-    if isinstance(exc, HvbridgeError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            found = _first_user_error(sub)
-            if found is not None:
-                return found
-    return None
-
-
-def _user_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn HvbridgeError (also inside exception groups) into exit status 1 with `Error:` lines."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except (HvbridgeError, BaseExceptionGroup) as exc:
-            found = _first_user_error(exc)
-            if found is None:
-                raise
-            raise UserError(str(found)) from None
-
-    return wrapper
 
 
 def _log_level(verbose: int, quiet: int, configured: str) -> str:
@@ -227,7 +192,7 @@ _workers = click.option(
 @_verbose
 @_quiet
 @_log_format
-@_user_errors
+@user_errors
 def run(
     config_path: str,
     config_format: Format | None,
@@ -252,7 +217,7 @@ def run(
 @_verbose
 @_quiet
 @_log_format
-@_user_errors
+@user_errors
 def check(
     config_path: str, config_format: Format | None, verbose: int, quiet: int, log_format: LogFormat | None
 ) -> None:
@@ -315,7 +280,7 @@ def check(
 @_verbose
 @_quiet
 @_log_format
-@_user_errors
+@user_errors
 def forward(
     listen: str,
     connect_to: str,
@@ -380,7 +345,7 @@ def _command_line_route(route: dict[str, object]) -> RouteTable:
 @_verbose
 @_quiet
 @_log_format
-@_user_errors
+@user_errors
 def connect_command(
     endpoint: str,
     port: str | None,
@@ -670,7 +635,7 @@ def run_daemon(
 @_verbose
 @_quiet
 @_log_format
-@_user_errors
+@user_errors
 def probe(
     config_path: str, config_format: Format | None, verbose: int, quiet: int, log_format: LogFormat | None
 ) -> None:

@@ -13,14 +13,13 @@ arguments are click usage errors (exit 2). cli.py registers the group:
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import TYPE_CHECKING, ParamSpec, TypeVar, final
 
 import attrs
 import click
 
-from hvbridge.errors import HvbridgeError
+from hvbridge.cli_errors import user_errors
 from hvbridge.hyperv.guids import (
     MAX_VSOCK_PORT,
     VSOCK_TEMPLATE,
@@ -42,7 +41,7 @@ from hvbridge.hyperv.vms import WSL_VM_NAME, SubprocessVmLookup, VmLookup
 
 if TYPE_CHECKING:
     import uuid
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -90,19 +89,6 @@ def _registry() -> ServiceRegistry:
 def _lookup() -> VmLookup:
     lookup = _tools().lookup
     return lookup if lookup is not None else SubprocessVmLookup()
-
-
-def _user_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn an HvbridgeError into click's `Error: ...` line and exit status 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except HvbridgeError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
 
 
 def _guid(ctx: click.Context, param: click.Parameter, value: str | None) -> uuid.UUID | None:
@@ -181,7 +167,7 @@ def port_command(service: uuid.UUID) -> None:
     "--port", type=HYPERV_PORT, callback=_hyperv_port, help="Register the GUID of this vsock port (Linux guests)."
 )
 @click.option("--service", callback=_guid, metavar="GUID", help="Register this service GUID.")
-@_user_errors
+@user_errors
 def register_command(name: str, port: int | None, service: uuid.UUID | None) -> None:
     """Register a service GUID so VMs may use it (administrator; refuses a duplicate)."""
     service_id = _service_id(port, service)  # a usage error comes before the registry's
@@ -192,7 +178,7 @@ def register_command(name: str, port: int | None, service: uuid.UUID | None) -> 
 @hyperv_group.command("unregister")
 @click.option("--port", type=PORT, help="Unregister the GUID of this vsock port.")
 @click.option("--service", callback=_guid, metavar="GUID", help="Unregister this service GUID.")
-@_user_errors
+@user_errors
 def unregister_command(port: int | None, service: uuid.UUID | None) -> None:
     """Remove a registered service GUID (administrator)."""
     service_id = _service_id(port, service)  # a usage error comes before the registry's
@@ -202,7 +188,7 @@ def unregister_command(port: int | None, service: uuid.UUID | None) -> None:
 
 
 @hyperv_group.command("services", short_help="List registered services and their vsock ports.")
-@_user_errors
+@user_errors
 def services_command() -> None:
     """List registered services, with the vsock port where the GUID follows the template."""
     entries = list_services(_registry())
@@ -215,7 +201,7 @@ def services_command() -> None:
 
 @hyperv_group.command("vms", short_help="List Hyper-V VMs: name, VmId and state.")
 @click.option("--wsl", "with_wsl", is_flag=True, help="Also show the WSL2 VM (starts WSL if it is not running).")
-@_user_errors
+@user_errors
 def vms_command(with_wsl: bool) -> None:
     """List Hyper-V VMs: name, VmId and state (for hvsock://VM/... and allow = ["vm:..."])."""
     lookup = _lookup()

@@ -48,7 +48,7 @@ LAYERS: Final[tuple[tuple[str, ...], ...]] = (
     # the daemon
     ("hvbridge.service", "hvbridge.workers"),
     # the composition root
-    ("hvbridge.cli", "hvbridge.cli_hyperv", "hvbridge.__main__"),
+    ("hvbridge.cli", "hvbridge.cli_hyperv", "hvbridge.cli_errors", "hvbridge.__main__"),
 )
 
 
