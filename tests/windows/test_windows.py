@@ -43,7 +43,8 @@ from hvbridge.transports.threadstream import ThreadSocketStream
 # Windows only (conftest.py collects this file nowhere else); mypy on Linux skips the rest.
 assert sys.platform == "win32"
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(hvbridge.__path__) if m.name != "__main__")
+#: Every module, subpackages' included (walk_packages imports each package to look inside it).
+MODULES = sorted(m.name for m in pkgutil.walk_packages(hvbridge.__path__, "hvbridge.") if m.name != "hvbridge.__main__")
 
 
 def test_this_is_windows_cpython() -> None:
@@ -55,7 +56,7 @@ def test_this_is_windows_cpython() -> None:
 
 @pytest.mark.parametrize("name", MODULES)
 def test_every_module_imports(name: str) -> None:
-    importlib.import_module(f"hvbridge.{name}")
+    importlib.import_module(name)
 
 
 def test_splice_is_off() -> None:
