@@ -17,7 +17,6 @@ import os
 import random
 import socket
 import struct
-import termios
 import threading
 import time
 from typing import TYPE_CHECKING, Final, final
@@ -123,12 +122,6 @@ def reset(stream: trio.SocketStream) -> None:
     """Close with SO_LINGER 0: the peer sees RST (TCP)."""
     stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     stream.socket.close()
-
-
-def queued(fd: int) -> int:
-    """Bytes waiting to be read from a pipe or socket (FIONREAD)."""
-    count: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-    return count
 
 
 def closed(stream: trio.SocketStream) -> bool:
@@ -243,15 +236,6 @@ async def test_reset_by_the_client_resets_the_backend(nursery: trio.Nursery, poo
     assert pool.in_use == 0
 
 
-def spliced(r: Relayed) -> splice.Connection:
-    """The splice.Connection behind a running relay."""
-    owners = splice._reactor().owners
-    client, backend = (stream.socket.fileno() for stream in r.inner)
-    conn = owners.get(client) or owners[backend]  # a socket nobody waits on is not there
-    assert isinstance(conn, splice.Connection)
-    return conn
-
-
 async def fill_until_blocked(r: Relayed, nursery: trio.Nursery, data: bytes) -> int:
     """Send `data` from the client in the background until the relay stops reading from it."""
 
@@ -275,10 +259,9 @@ async def test_backpressure_holds_one_pipe_and_stops_reading(
     with trio.fail_after(LIMIT):
         r = await start_relay(nursery, family)
         moved = await fill_until_blocked(r, nursery, data)
-        conn = spliced(r)
-        assert pool.in_use == 1
-        assert conn.up.pipe is not None
-        assert queued(conn.up.pipe.read_fd) == conn.up.pending > 0
+        stats = await splice.statistics()
+        assert stats.pipes.in_use == 1
+        assert stats.queued == stats.pending > 0
         assert moved < (16 << 20)  # kernel socket buffers and one pipe, not the 32 MiB sent
         await settled()
         assert r.transfer.client_to_backend == moved  # stopped, not creeping on
@@ -300,7 +283,7 @@ async def test_reset_with_bytes_in_the_pipe_discards_the_pipe(nursery: trio.Nurs
             sender.cancel_scope.cancel()
     assert r.transfer.reason == "reset by backend"
     assert pool.in_use == 0
-    assert all(queued(pipe.read_fd) == 0 for pipe in pool._free)  # never reused with bytes in it
+    assert (await splice.statistics()).pipes.idle_queued == 0  # never reused with bytes in it
 
 
 async def test_unix_peer_gone_while_bytes_wait_is_a_reset(nursery: trio.Nursery, pool: splice.PipePool) -> None:
@@ -341,11 +324,10 @@ async def test_cancel_while_idle_closes_both_and_leaves_the_epoll_set(nursery: t
     with trio.fail_after(LIMIT):
         r = await start_relay(nursery, "tcp")
         fds = {r.inner[0].socket.fileno(), r.inner[1].socket.fileno()}
-        reactor = splice._reactor()
-        assert fds <= set(reactor.owners)
+        assert fds <= (await splice.statistics()).watched
         r.scope.cancel()
         await r.done.wait()
-        assert not fds & set(reactor.owners)
+        assert not fds & (await splice.statistics()).watched
         assert await read_all(r.client) == b""
         assert await read_all(r.backend) == b""
     assert r.transfer.reason == "cancelled"
@@ -432,7 +414,7 @@ async def test_eof_that_cannot_be_passed_on_is_a_failure(nursery: trio.Nursery) 
 
     with trio.fail_after(LIMIT):
         r = await start_relay(nursery, "tcp")
-        spliced(r).backend.shutdown = shutdown_fails  # type: ignore[method-assign,assignment]
+        r.inner[1].socket.shutdown = shutdown_fails  # type: ignore[method-assign,assignment]
         await r.client.send_eof()
         await r.done.wait()
     assert r.transfer.reason == f"backend error: EINVAL {os.strerror(errno.EINVAL)}"
@@ -505,7 +487,6 @@ async def test_events_for_a_connection_that_ended_in_the_same_batch_are_dropped(
 
 
 async def test_ended_connections_do_not_pile_up_in_the_idle_deadlines(nursery: trio.Nursery) -> None:
-    reactor = splice._reactor()
     with trio.fail_after(LIMIT):
         for _ in range(200):
             r = await start_relay(nursery, "unix", idle_timeout=3600.0)
@@ -513,8 +494,9 @@ async def test_ended_connections_do_not_pile_up_in_the_idle_deadlines(nursery: t
             await r.backend.send_eof()
             await r.done.wait()
             assert r.transfer.reason == "closed"
-    assert reactor.timed == 0
-    assert len(reactor.deadlines) <= splice._COMPACT_SLACK
+    stats = await splice.statistics()
+    assert stats.timed == 0
+    assert stats.deadlines <= splice._COMPACT_SLACK
 
 
 async def test_a_busy_direction_yields_after_a_few_pipefuls_and_resumes(nursery: trio.Nursery) -> None:

@@ -48,6 +48,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Final, Protocol, final
 
+import attrs
 import trio
 
 from hvbridge.relay.ends import EndReason, Side, eof_end
@@ -101,6 +102,16 @@ def spliceable(client: trio.abc.Stream, backend: trio.abc.Stream) -> bool:
     )
 
 
+def _queued(fd: int) -> int:
+    """Bytes waiting to be read from the pipe end `fd` (FIONREAD)."""
+    import fcntl  # Unix only, as in Pipe
+    import struct
+    import termios
+
+    count: int = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    return count
+
+
 @final
 class Pipe:
     """A pipe's two ends and how many bytes it holds at most."""
@@ -119,6 +130,36 @@ class Pipe:
         """Close both ends."""
         os.close(self.read_fd)
         os.close(self.write_fd)
+
+
+@attrs.frozen
+class PipePoolStatistics:
+    """A read-only view of a PipePool (PipePool.statistics())."""
+
+    #: Pipes taken and neither given back nor discarded.
+    in_use: int
+    #: Pipes waiting for reuse.
+    idle: int
+    #: Bytes in the pipes waiting for reuse: 0, as a pipe is given back only when empty.
+    idle_queued: int
+
+
+@attrs.frozen
+class ReactorStatistics:
+    """A read-only view of this trio run's splice reactor (statistics())."""
+
+    #: Socket file descriptors in the epoll set (an idle connection's, and busy ones' waits).
+    watched: frozenset[int]
+    #: Bytes the live connections count as held in their pipes.
+    pending: int
+    #: Bytes the kernel holds in those pipes (equal to `pending`).
+    queued: int
+    #: Live connections with an idle timeout.
+    timed: int
+    #: Entries in the heap of idle deadlines (ended connections' included until compacted).
+    deadlines: int
+    #: The reactor's pipe pool.
+    pipes: PipePoolStatistics
 
 
 @final
@@ -166,6 +207,12 @@ class PipePool:
     def free(self) -> int:
         """How many pipes wait for reuse."""
         return len(self._free)
+
+    def statistics(self) -> PipePoolStatistics:
+        """What the pool holds now (call it in the thread that uses the pool)."""
+        return PipePoolStatistics(
+            in_use=self.in_use, idle=len(self._free), idle_queued=sum(_queued(pipe.read_fd) for pipe in self._free)
+        )
 
     def close(self) -> None:
         """Close every free pipe."""
@@ -600,6 +647,32 @@ class _Reactor:
         else:
             self.epoll.modify(fd, new)
 
+    async def statistics(self) -> ReactorStatistics:
+        """A snapshot: each thread reads the attributes it owns."""
+        seen: list[tuple[frozenset[int], int, int, PipePoolStatistics]] = []
+        done = trio.Event()
+
+        def take() -> None:
+            conns = {owner for owner in self.owners.values() if isinstance(owner, Connection)}
+            directions = [d for conn in conns for d in (conn.up, conn.down)]
+            watched = frozenset(fd for fd in self.owners if fd != self._wake_fd)
+            pending = sum(d.pending for d in directions)
+            queued = sum(_queued(d.pipe.read_fd) for d in directions if d.pipe is not None)
+            seen.append((watched, pending, queued, self.pipes.statistics()))
+            self.token.run_sync_soon(done.set)
+
+        self.post(take)
+        await done.wait()
+        watched, pending, queued, pipes = seen[0]
+        return ReactorStatistics(
+            watched=watched,
+            pending=pending,
+            queued=queued,
+            timed=self.timed,
+            deadlines=len(self.deadlines),
+            pipes=pipes,
+        )
+
     async def settle(self) -> int | None:
         """Wait for the reactor thread to run a command. If, when it did, no socket of its
         epoll set was ready (a fresh look, not the batch the command came in: the thread may
@@ -651,3 +724,8 @@ async def settle() -> int | None:
 def pipe_pool() -> PipePool:
     """This trio run's pipe pool (for tests and statistics)."""
     return _reactor().pipes
+
+
+async def statistics() -> ReactorStatistics:
+    """A read-only snapshot of this trio run's reactor (made if this run has none yet)."""
+    return await _reactor().statistics()
