@@ -26,7 +26,6 @@ import errno
 import ipaddress
 import logging
 import socket
-import uuid
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import attrs
@@ -35,7 +34,6 @@ import trio
 from hvbridge import proxyio, proxyproto
 from hvbridge.backend import Backend
 from hvbridge.errors import BackendUnavailable, EndpointError
-from hvbridge.hyperv.guids import parse_guid, vm_id_matches
 from hvbridge.logs import LOGGER, event
 from hvbridge.proxyproto import ProxyHeader, ProxyProtocolError
 from hvbridge.relay import relay
@@ -94,8 +92,9 @@ class RouteCounters:
 def is_allowed(rules: Iterable[AllowRule], peer: tuple[int, object] | None) -> bool:
     """True if the peer `(family, sockaddr)` matches one of `rules`.
 
-    TCP peers match CIDRs (IPv4-mapped IPv6 peers match IPv4 rules), vsock peers `cid:N`,
-    Hyper-V peers `vm:GUID`. A peer that cannot be identified matches nothing.
+    TCP peers match CIDRs (IPv4-mapped IPv6 peers match IPv4 rules), vsock peers `cid:N`.
+    `vm:` rules match nothing here: peer_allowed() sends Hyper-V peers to hvsock, which
+    resolves VM names. A peer that cannot be identified matches nothing.
     """
     if peer is None:
         return False
@@ -115,9 +114,6 @@ def is_allowed(rules: Iterable[AllowRule], peer: tuple[int, object] | None) -> b
                     return True
             case CidRule():
                 if family == getattr(socket, "AF_VSOCK", None) and sockaddr[0] == rule.cid:
-                    return True
-            case VmRule():
-                if family == getattr(socket, "AF_HYPERV", None) and _same_vm(rule.vm, sockaddr[0]):
                     return True
     return False
 
@@ -139,13 +135,6 @@ async def peer_allowed(rules: Sequence[AllowRule], peer: tuple[int, object] | No
     if peer is not None and peer[0] == getattr(socket, "AF_HYPERV", None):  # pragma: no cover - Windows only
         return await hvsock.peer_vm_allowed(backend.hvsock, [r.vm for r in rules if isinstance(r, VmRule)], peer[1])
     return is_allowed(rules, peer)
-
-
-def _same_vm(vm: uuid.UUID | str, peer_vm: object) -> bool:
-    try:
-        return isinstance(vm, uuid.UUID) and vm_id_matches(vm, parse_guid(str(peer_vm)))
-    except ValueError:
-        return False
 
 
 @final

@@ -472,23 +472,6 @@ def test_is_allowed(rules: list[AllowRule], peer: Peer | None, allowed: bool) ->
     assert is_allowed(rules, peer) is allowed
 
 
-@pytest.mark.parametrize(
-    ("rule", "peer_vm", "allowed"),
-    [
-        (VmRule(VM), str(VM), True),
-        (VmRule(VM), str(VM).upper(), True),  # Windows returns either case
-        (VmRule(VM), "{" + str(VM) + "}", True),
-        (VmRule(VM), str(uuid.UUID(int=5)), False),
-        (VmRule(VM), "not a guid", False),
-        (VmRule("my-vm"), str(VM), False),  # a VM name must have been resolved to its GUID
-    ],
-)
-def test_is_allowed_hyperv(monkeypatch: pytest.MonkeyPatch, rule: VmRule, peer_vm: str, allowed: bool) -> None:
-    monkeypatch.setattr(socket, "AF_HYPERV", AF_HYPERV, raising=False)
-    service = "00000016-facb-11e6-bd58-64006a7986d3"
-    assert is_allowed([rule], (AF_HYPERV, (peer_vm, service))) is allowed
-
-
 async def test_a_refused_peer_is_closed_counted_and_logged(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
