@@ -117,8 +117,12 @@ class Channel:
             self._buffer += chunk
 
 
-def _snapshot(value: object) -> Snapshot:
-    """Narrow an unpickled snapshot; anything else is a bug in the other process."""
+def snapshot_from(value: object) -> Snapshot:
+    """Narrow an unpickled snapshot; anything else is a bug in the other process.
+
+    Raises:
+        trio.BrokenResourceError: `value` is not a dict of route name -> RouteStatistics.
+    """
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, RouteStatistics) for k, v in value.items()
     ):
@@ -249,13 +253,13 @@ class WorkerEngine:
                         worker.is_ready = True
                         worker.ready.set()
                     case ("stats", int(seq), snapshot):
-                        worker.last = _snapshot(snapshot)
+                        worker.last = snapshot_from(snapshot)
                         event_ = worker.replies.pop(seq, None)
                         if event_ is not None:
                             event_.set()
                     case ("final", snapshot):
                         # Counted from now on (a scrape during the reaping below sees it too).
-                        worker.final = worker.last = _snapshot(snapshot)
+                        worker.final = worker.last = snapshot_from(snapshot)
                     case _:
                         raise trio.BrokenResourceError(f"unknown message {message!r}")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -384,10 +388,11 @@ class _PidFilter(logging.Filter):
 
 def main(control_fd: int) -> None:
     """A worker process: run the table the main process sends, on the sockets it passed."""
-    trio.run(_worker, control_fd)
+    trio.run(worker_main, control_fd)
 
 
-async def _worker(control_fd: int) -> None:
+async def worker_main(control_fd: int) -> None:
+    """main()'s trio task: a worker on the control socket `control_fd` (it closes it)."""
     channel = Channel(trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=control_fd))))
     try:
         await _work(channel)

@@ -99,10 +99,10 @@ async def test_channel_refuses_bad_frames(frame: bytes) -> None:
 
 def test_snapshot_narrowing() -> None:
     good = {"web": RouteStatistics(1, 1, 0, 0, 0, 0, {})}
-    assert workers._snapshot(good) == good
+    assert workers.snapshot_from(good) == good
     for bad in (None, {"web": 1}, {1: good["web"]}):
         with pytest.raises(trio.BrokenResourceError):
-            workers._snapshot(bad)
+            workers.snapshot_from(bad)
     assert retired(good)["web"].active == 0
 
 
@@ -229,7 +229,7 @@ def keep_logging() -> Iterator[None]:
 
 
 async def _worker_and_parent(nursery: trio.Nursery, table: RouteTable) -> tuple[Channel, trio.Event, Address]:
-    """Run workers._worker here; return the main process's end of its channel."""
+    """Run a worker's trio task here; return the main process's end of its channel."""
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))
     listening.listen()
@@ -238,7 +238,7 @@ async def _worker_and_parent(nursery: trio.Nursery, table: RouteTable) -> tuple[
     done = trio.Event()
 
     async def worker() -> None:
-        await workers._worker(theirs.detach())
+        await workers.worker_main(theirs.detach())
         done.set()
 
     nursery.start_soon(worker)
@@ -260,7 +260,7 @@ async def test_worker_serves_answers_and_drains(nursery: trio.Nursery, caplog: p
             reply = await channel.receive()
             assert reply is not None
             assert reply[:2] == ("stats", 1)
-            assert workers._snapshot(reply[2])["web"].accepted == 1
+            assert workers.snapshot_from(reply[2])["web"].accepted == 1
             await channel.send(("drain", 5.0))
             final = await channel.receive()
             assert final is not None
@@ -297,7 +297,7 @@ async def test_worker_needs_a_start_message() -> None:
         channel = Channel(trio.SocketStream(trio.socket.from_stdlib_socket(mine)))
         await channel.send(("stats", 1))
         with pytest.raises(SystemExit, match="expected a start message"):
-            await workers._worker(theirs.detach())
+            await workers.worker_main(theirs.detach())
 
 
 @pytest.mark.slow
