@@ -544,14 +544,23 @@ async def test_thread_listener_accepts_and_closes(limiter: trio.CapacityLimiter)
     assert server.fileno() == -1
 
 
+class UnwokenSocket(socket.socket):
+    """A listening socket whose shutdown() does not wake a blocked accept() (a late wake-up)."""
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+
 async def test_thread_listener_discards_late_connection(limiter: trio.CapacityLimiter) -> None:
     """A connection accepted by the thread after aclose() is closed, not leaked."""
-    server = socket.create_server(("127.0.0.1", 0))
+    server = UnwokenSocket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
     listener = ThreadSocketListener(server, limiter)
     with trio.fail_after(LIMIT):
         await cancel_once_blocked(listener.accept)  # leaves an accept() running in its thread
-        listener._pump.closed = True  # closed, but the thread has not been woken yet
-        client = socket.create_connection(server.getsockname())
+        await listener.aclose()  # closed, but the thread has not been woken yet
+        client = socket.create_connection(server.getsockname(), timeout=LIMIT)  # a leak fails, not hangs
         await wait_idle(limiter)  # the thread accepts, sees the listener closed, closes both
         assert server.fileno() == -1
         assert client.recv(1) == b""
