@@ -78,6 +78,19 @@ def tree_pss_kib(pid: int) -> int:
     return total
 
 
+def stop_relay(process: subprocess.Popen[bytes] | subprocess.Popen[str], listen: object, *, timeout: float) -> None:
+    """Terminate a relay process (kill it after `timeout` s) and remove its Unix socket file, if any."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if isinstance(listen, str):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(listen)
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of `pid`, its live descendants and its reaped children."""
     ticks = 0
@@ -134,16 +147,8 @@ class Relay:
     def __exit__(self, *exc_info: object) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
         # socat's per-connection children may outlive their parent for a moment.
-        if isinstance(self.listen, str):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.listen)
+        stop_relay(self.process, self.listen, timeout=10)
 
     @property
     def pid(self) -> int | None:

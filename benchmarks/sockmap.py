@@ -51,7 +51,7 @@ HERE: Final = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import peer  # noqa: E402
-from relays import Family, Relay, free_port, tree_cpu_seconds, wait_connectable  # noqa: E402
+from relays import Family, Relay, free_port, stop_relay, tree_cpu_seconds, wait_connectable  # noqa: E402
 
 GiB: Final = 1 << 30
 MiB: Final = 1 << 20
@@ -959,15 +959,7 @@ class MiniRelay:
 
     def close(self) -> None:
         """Stop the process."""
-        self.process.terminate()
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if isinstance(self.listen, str):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.listen)
+        stop_relay(self.process, self.listen, timeout=5)
 
 
 @contextlib.contextmanager
