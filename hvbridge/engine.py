@@ -52,6 +52,9 @@ class Engine(Protocol):
     async def cut(self) -> None:
         """Close every connection still open."""
 
+    async def let_go(self, listeners: list[base.Listener]) -> None:
+        """Stop accepting on `listeners`, which the pool is about to close under running routes."""
+
 
 @final
 @attrs.define(eq=False)
@@ -142,6 +145,10 @@ class LocalEngine:
     async def cut(self) -> None:
         """Cancel every connection task (the relay closes both sides)."""
         self.supervisor.connections.cancel_scope.cancel()
+
+    async def let_go(self, listeners: list[base.Listener]) -> None:
+        """Stop accepting on `listeners` (Supervisor.let_go)."""
+        await self.supervisor.let_go(listeners)
 
 
 def _describe(exc: BaseException) -> str:

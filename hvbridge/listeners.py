@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, final
 
 import attrs
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 #: Each route's listeners, by route name.
 Listeners = Mapping[str, list[base.Listener]]
+#: What the pool awaits before it closes listeners that running routes still use.
+LetGo = Callable[[list[base.Listener]], Awaitable[None]]
 
 
 @final
@@ -126,11 +128,12 @@ class ListenerPool:
         named = [i.listener for i in self.inherited if i.name == route.name]
         return named or [i.listener for i in self.inherited if i.address == str(route.listen)]
 
-    async def acquire(self, table: RouteTable) -> dict[str, list[base.Listener]]:
+    async def acquire(self, table: RouteTable, let_go: LetGo | None = None) -> dict[str, list[base.Listener]]:
         """Listeners for every route of `table`, opening only addresses the pool lacks.
 
         All or nothing: if one address cannot be opened, the ones opened by this call are
-        closed again and the pool is as before.
+        closed again and the pool is as before. `let_go` is awaited with the listeners of
+        the running table this call closes (rule 1's other spelling) before it closes them.
 
         Raises:
             EndpointError: A listen address cannot be opened (or a kept Unix socket file's
@@ -152,7 +155,9 @@ class ListenerPool:
                     result[route.name] = self.opened[key]
                 else:
                     wanted = {pool_key(r) for r in table.routes}
-                    listeners = await self._open(route, wanted, released, named=table.source != COMMAND_LINE)
+                    listeners = await self._open(
+                        route, wanted, released, named=table.source != COMMAND_LINE, let_go=let_go
+                    )
                     new[key] = result[route.name] = listeners
                     self._unix_options[key] = _unix_file_options(route)
                     self._options[key] = route.options
@@ -175,7 +180,7 @@ class ListenerPool:
         return result
 
     async def _open(
-        self, route: Route, wanted: set[PoolKey], released: list[PoolKey], *, named: bool
+        self, route: Route, wanted: set[PoolKey], released: list[PoolKey], *, named: bool, let_go: LetGo | None
     ) -> list[base.Listener]:
         """Open a route's listeners; the error names the route (`named`: a table with route names).
 
@@ -189,7 +194,10 @@ class ListenerPool:
         for key in stale:
             event(logging.INFO, "releasing a listener for another spelling of its address", listen=str(key[0]))
             released.append(key)
-            for listener in self.opened.pop(key):
+            listeners = self.opened.pop(key)
+            if let_go is not None:
+                await let_go(listeners)
+            for listener in listeners:
                 await trio.aclose_forcefully(listener)
         try:
             return await self.open_listeners(route.listen, route.options)

@@ -170,7 +170,7 @@ class Service:
             HvbridgeError: A listener (or the metrics address) cannot be opened.
         """
         await _check_listens(table)
-        listeners = await self.pool.acquire(table)
+        listeners = await self.pool.acquire(table, self.engine.let_go)
         await self.engine.apply(table, listeners)
         self._listeners = listeners
         self.table = table
@@ -293,7 +293,7 @@ class Service:
         try:
             table = self.load()
             await _check_listens(table)
-            listeners = await self.pool.acquire(table)
+            listeners = await self.pool.acquire(table, self.engine.let_go)
         except ConfigError as exc:
             for problem in exc.problems:
                 event(logging.ERROR, f"reload failed, keeping the running table: {problem}")
@@ -302,7 +302,7 @@ class Service:
         except HvbridgeError as exc:
             event(logging.ERROR, f"reload failed, keeping the running table: {exc}")
             if self.pool.reopened:  # a released socket was bound again: its route runs on it anyway
-                self._listeners = await self.pool.acquire(old)
+                self._listeners = await self.pool.acquire(old, self.engine.let_go)
                 await self.engine.apply(old, self._listeners)
             self.notifier.ready(self._status())
             return False

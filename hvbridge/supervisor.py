@@ -22,9 +22,10 @@ header, read before the allow check, whose source then stands for the peer; with
 from __future__ import annotations
 
 import bisect
-import errno
+import functools
 import ipaddress
 import logging
+import math
 import socket
 from typing import TYPE_CHECKING, Final, NoReturn, final
 
@@ -32,11 +33,12 @@ import attrs
 import trio
 
 from hvbridge import proxyio, proxyproto
+from hvbridge.addresses import TcpAddress, UnixAddress
 from hvbridge.backend import Backend
 from hvbridge.errors import BackendUnavailable, EndpointError
 from hvbridge.logs import LOGGER, event
 from hvbridge.proxyproto import ProxyHeader, ProxyProtocolError
-from hvbridge.relay import relay
+from hvbridge.relay import owned, relay, splice
 from hvbridge.relay.ends import EndReason, Transfer
 from hvbridge.routes import AllowRule, CidRule, Route, RouteOptions, RouteTable, VmRule
 from hvbridge.stats import CONNECT_LATENCY_BUCKETS, RouteStatistics
@@ -47,8 +49,6 @@ if TYPE_CHECKING:
 
     from hvbridge.addresses import Address
 
-#: accept() errors that mean "out of resources for now" (trio's ACCEPT_CAPACITY_ERRNOS).
-ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_RETRY_DELAY: Final = 0.1
 #: connect_retries back off 0.2 s, 0.4 s, 0.8 s, ... but never wait longer than this.
 MAX_RETRY_DELAY: Final = 5.0
@@ -161,6 +161,18 @@ class Supervisor:
     # runs), and where wait_idle() waits for that number to reach 0.
     _open: int = attrs.field(default=0, init=False)
     _idle_lot: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
+    # The routes the splice reactor serves, by id() of each of their listeners.
+    _owned: dict[int, owned.OwnedRoute] = attrs.field(factory=dict, init=False)
+
+    async def let_go(self, listeners: Iterable[base.Listener]) -> None:
+        """Stop accepting on `listeners` before their owner closes them under a running route
+        (a reload that binds their address under another spelling). An accept loop sees the
+        close itself; the splice reactor must hear of it first, or it could accept on the
+        number of a descriptor closed under it."""
+        for listener in listeners:
+            served = self._owned.get(id(listener))
+            if served is not None:
+                await served.stop()
 
     async def wait_idle(self) -> None:
         """Wait until no accepted connection is open (a graceful shutdown's drain)."""
@@ -206,6 +218,7 @@ class Supervisor:
             listeners = await self.open_listeners(route.listen, route.options)
         try:
             slots = trio.Semaphore(route.options.max_connections)
+            served = self._own(route, listeners, counters) if self.owned_target(route, listeners) else None
             async with trio.open_nursery() as nursery:
                 for listener in listeners:
                     bound = base.listener_address(listener)
@@ -225,10 +238,18 @@ class Supervisor:
                             route=route.name,
                             listen=bound,
                         )
-                    nursery.start_soon(self._accept_loop, route, listener, slots, counters)
+                    if served is None:
+                        nursery.start_soon(self._accept_loop, route, listener, slots, counters)
+                if served is not None:
+                    nursery.start_soon(self._serve_owned, route, *served)
                 task_status.started(listeners)
             raise AssertionError("accept loops never return")  # pragma: no cover
         finally:
+            if served is not None:
+                for listener in listeners:
+                    self._owned.pop(id(listener), None)
+                with trio.CancelScope(shield=True):
+                    await served[0].stop()
             for listener in listeners if owned else ():
                 # Shielded: aclose_forcefully() raises Cancelled after closing when this route
                 # is being cancelled, which would leave the other listeners bound.
@@ -248,14 +269,8 @@ class Supervisor:
                 stream = await listener.accept()
             except OSError as exc:
                 slots.release()
-                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
-                    event(
-                        logging.ERROR,
-                        f"accept failed: {exc.strerror}; pausing {ACCEPT_RETRY_DELAY * 1000:.0f} ms"
-                        " (raise the file descriptor limit, `ulimit -n`)",
-                        route=route.name,
-                    )
-                    await trio.sleep(ACCEPT_RETRY_DELAY)
+                if exc.errno in base.ACCEPT_CAPACITY_ERRNOS:
+                    await _pause_accepting(route, exc)
                     continue
                 # Anything else means the listening socket itself is broken: this route ends
                 # (engine.py logs it and keeps every other route running).
@@ -263,15 +278,75 @@ class Supervisor:
             except BaseException:
                 slots.release()
                 raise
-            counters.accepted += 1
-            self._open += 1
-            self.connections.start_soon(self._handle, route, stream, slots, counters)
+            transfer = Transfer()
+            self.opened(counters, transfer)  # now: a drain must not miss it before its task runs
+            self.connections.start_soon(self._handle, route, stream, slots, counters, transfer)
 
-    async def _handle(self, route: Route, stream: base.Stream, slots: trio.Semaphore, counters: RouteCounters) -> None:
+    def owned_target(self, route: Route, listeners: Sequence[base.Listener]) -> bool:
+        """Whether the splice reactor can serve `route` whole (relay/owned.py): TCP or Unix
+        listeners and target, the target an IP literal or a path, and nothing needed from trio
+        per connection (no PROXY header read or sent, no connect retries, the default
+        connect). Every other route gets an accept loop and a task per connection."""
+        options = route.options
+        return (
+            self.backend.splice
+            and splice.enabled
+            and self.connect == self.backend.connect
+            and not options.accept_proxy
+            and options.proxy_protocol == "none"
+            and not options.connect_retries
+            and isinstance(route.listen, TcpAddress | UnixAddress)
+            and isinstance(route.connect, TcpAddress | UnixAddress)
+            and owned.target_sockaddr(route.connect) is not None
+            and all(_spliceable_socket(listener) is not None for listener in listeners)
+        )
+
+    def _own(
+        self, route: Route, listeners: Sequence[base.Listener], counters: RouteCounters
+    ) -> tuple[owned.OwnedRoute, trio.MemoryReceiveChannel[OSError]]:
+        """Hand the route's listeners to the splice reactor; the caller stop()s it. Also
+        returns where its accept errors arrive."""
+        failures, failed = trio.open_memory_channel[OSError](math.inf)
+        assert isinstance(route.connect, TcpAddress | UnixAddress)
+        served = owned.OwnedRoute(
+            splice.reactor(),
+            [sock for listener in listeners if (sock := _spliceable_socket(listener)) is not None],
+            route.connect,
+            route.options,
+            functools.partial(is_allowed, route.options.allow) if route.options.allow else None,
+            _OwnedSink(self, route, counters, failures),
+        )
+        self.connections.start_soon(self._keep, served)
+        served.start()
+        for listener in listeners:
+            self._owned[id(listener)] = served
+        return served, failed
+
+    @staticmethod
+    async def _serve_owned(route: Route, served: owned.OwnedRoute, failed: trio.MemoryReceiveChannel[OSError]) -> None:
+        """Pause and resume an owned route after accept errors for lack of resources; raise any other."""
+        async for exc in failed:
+            if exc.errno not in base.ACCEPT_CAPACITY_ERRNOS:
+                raise exc  # the listening socket itself is broken (as in _accept_loop)
+            await _pause_accepting(route, exc)
+            served.resume()
+
+    @staticmethod
+    async def _keep(served: owned.OwnedRoute) -> None:
+        """Wait, among the connection tasks, until an owned route has stopped and its last
+        connection ended; cancelled, end its connections first (as their tasks would)."""
+        try:
+            await served.wait_idle()
+        finally:
+            with trio.CancelScope(shield=True):
+                await served.stop()
+                await served.cancel()
+
+    async def _handle(
+        self, route: Route, stream: base.Stream, slots: trio.Semaphore, counters: RouteCounters, transfer: Transfer
+    ) -> None:
         start = trio.current_time()
         peer_info = self.backend.peer_address(stream)
-        transfer = Transfer()
-        counters.live.add(transfer)
         via = incoming = None
         surplus = b""
         try:
@@ -280,21 +355,18 @@ class Supervisor:
                     try:
                         incoming, surplus = await proxyio.read_header(stream, route.options.connect_timeout)
                     except ProxyProtocolError as exc:
-                        counters.refused += 1
                         transfer.end, transfer.detail = EndReason.REFUSED, f"bad PROXY header: {exc}"
                         await self.backend.abort(stream)
                         return
                     if incoming.peer() is not None:  # LOCAL and UNKNOWN keep the real peer
                         via, peer_info = peer_info, incoming.peer()
                 if route.options.allow and not await peer_allowed(route.options.allow, peer_info, self.backend):
-                    counters.refused += 1
                     transfer.end = EndReason.REFUSED_BY_ALLOW_LIST
                     await self.backend.abort(stream)
                     return
                 try:
                     backend = await self.open_backend(route)
                 except EndpointError as exc:
-                    counters.failed += 1
                     transfer.end, transfer.detail = EndReason.CONNECT_FAILED, exc.message
                     await self.backend.abort(stream)
                     return
@@ -305,7 +377,6 @@ class Supervisor:
                         await self.backend.abort(backend)  # cancelled: the outer handler closes the client
                         if not isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
                             raise
-                        counters.failed += 1
                         transfer.end = EndReason.CONNECT_FAILED
                         transfer.detail = f"cannot send the first bytes to the backend ({exc})"
                         await self.backend.abort(stream)
@@ -327,30 +398,52 @@ class Supervisor:
             )
         finally:
             slots.release()
-            counters.live.discard(transfer)
-            counters.bytes_in += transfer.client_to_backend
-            counters.bytes_out += transfer.backend_to_client
-            if transfer.end is None:
-                transfer.end = EndReason.CANCELLED
-            end = transfer.end
-            counters.closed[end.label] = counters.closed.get(end.label, 0) + 1
-            level = logging.WARNING if end.not_relayed else logging.INFO
-            if LOGGER.isEnabledFor(level):  # skip building the fields when the line is not logged
-                event(
-                    level,
-                    "connection closed",
-                    route=route.name,
-                    peer=base.sockaddr_text(*peer_info) if peer_info else "-",
-                    **({"via": base.sockaddr_text(*via)} if via else {}),
-                    target=str(route.connect),
-                    bytes_in=transfer.client_to_backend,
-                    bytes_out=transfer.backend_to_client,
-                    duration=round(trio.current_time() - start, 3),
-                    reason=transfer.reason,
-                )
-            self._open -= 1
-            if not self._open:
-                self._idle_lot.unpark_all()
+            self.closed(route, counters, transfer, peer_info, via, start)
+
+    def opened(self, counters: RouteCounters, transfer: Transfer) -> None:
+        """Count a connection in: accepted, and live until closed()."""
+        counters.accepted += 1
+        counters.live.add(transfer)
+        self._open += 1
+
+    def closed(
+        self,
+        route: Route,
+        counters: RouteCounters,
+        transfer: Transfer,
+        peer_info: tuple[int, object] | None,
+        via: tuple[int, object] | None,
+        start: float,
+    ) -> None:
+        """Count a connection out and log how it ended (both paths: tasks and owned routes)."""
+        counters.live.discard(transfer)
+        counters.bytes_in += transfer.client_to_backend
+        counters.bytes_out += transfer.backend_to_client
+        if transfer.end is None:
+            transfer.end = EndReason.CANCELLED
+        end = transfer.end
+        if end is EndReason.CONNECT_FAILED:
+            counters.failed += 1
+        elif end.not_relayed:
+            counters.refused += 1
+        counters.closed[end.label] = counters.closed.get(end.label, 0) + 1
+        level = logging.WARNING if end.not_relayed else logging.INFO
+        if LOGGER.isEnabledFor(level):  # skip building the fields when the line is not logged
+            event(
+                level,
+                "connection closed",
+                route=route.name,
+                peer=base.sockaddr_text(*peer_info) if peer_info else "-",
+                **({"via": base.sockaddr_text(*via)} if via else {}),
+                target=str(route.connect),
+                bytes_in=transfer.client_to_backend,
+                bytes_out=transfer.backend_to_client,
+                duration=round(trio.current_time() - start, 3),
+                reason=transfer.reason,
+            )
+        self._open -= 1
+        if not self._open:
+            self._idle_lot.unpark_all()
 
     @staticmethod
     async def _send_first(
@@ -384,6 +477,51 @@ class Supervisor:
         counters = self.counters.get(route.name) or self.counters.setdefault(route.name, RouteCounters())
         counters.observe_connect(trio.current_time() - start)
         return stream
+
+
+def _spliceable_socket(listener: base.Listener) -> trio.socket.SocketType | None:
+    """The listening socket of a TCP or Unix listener (trio's, or unix.UnixListener), else None."""
+    sock = getattr(listener, "socket", None)
+    if isinstance(sock, trio.socket.SocketType) and sock.family in splice.SPLICE_FAMILIES:
+        return sock
+    return None
+
+
+async def _pause_accepting(route: Route, exc: OSError) -> None:
+    """After an accept error for lack of resources: log it and wait before the next accept."""
+    event(
+        logging.ERROR,
+        f"accept failed: {exc.strerror}; pausing {ACCEPT_RETRY_DELAY * 1000:.0f} ms"
+        " (raise the file descriptor limit, `ulimit -n`)",
+        route=route.name,
+    )
+    await trio.sleep(ACCEPT_RETRY_DELAY)
+
+
+@final
+@attrs.define(eq=False)
+class _OwnedSink:
+    """The supervisor's side of a route the splice reactor serves (owned.Sink)."""
+
+    supervisor: Supervisor
+    route: Route
+    counters: RouteCounters
+    failures: trio.MemorySendChannel[OSError]
+
+    def started(self, conn: owned.OwnedConnection) -> None:
+        self.supervisor.opened(self.counters, conn.transfer)
+
+    def connected(self, conn: owned.OwnedConnection) -> None:
+        assert conn.connect_seconds is not None
+        self.counters.observe_connect(conn.connect_seconds)
+
+    def ended(self, conn: owned.OwnedConnection) -> None:
+        if conn.error is not None and not isinstance(conn.error, splice.SideError):
+            LOGGER.error("relay bug on route %s", self.route.name, exc_info=conn.error)
+        self.supervisor.closed(self.route, self.counters, conn.transfer, conn.peer, None, conn.started)
+
+    def accept_failed(self, exc: OSError) -> None:
+        self.failures.send_nowait(exc)
 
 
 async def connect_with_retries(

@@ -335,6 +335,10 @@ class WorkerEngine:
         if self.workers:
             await self._idle.wait()
 
+    async def let_go(self, listeners: list[base.Listener]) -> None:
+        """Nothing to do: with workers the pool never closes a listener under a running route
+        (ListenerPool.respell is off), as the workers hold copies of it."""
+
     async def cut(self) -> None:
         """Tell the workers still running to exit now; kill those that do not."""
         self.stopping = True

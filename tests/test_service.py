@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, NoReturn
 import attrs
 import pytest
 import trio
+from support.settle import settled
 
 from hvbridge import service, transports
 from hvbridge.addresses import HyperVAddress, TcpAddress, UnixAddress, VsockAddress, parse_address
@@ -525,7 +526,7 @@ async def test_stop_waits_for_open_connections(nursery: trio.Nursery) -> None:
         stream = await connect(address)
         await round_trip(stream, b"before")
         svc.request_stop("SIGTERM")
-        await trio.testing.wait_all_tasks_blocked()
+        await settled()  # the splice reactor too: it serves this route's listener
         await assert_refused(address)  # not accepting at once
         await round_trip(stream, b"during")  # the open one goes on
         assert not done.is_set()
@@ -598,9 +599,9 @@ async def test_a_worker_drain_request_only_shortens_the_grace(nursery: trio.Nurs
         stream = await connect(bound(svc, "web"))
         await round_trip(stream, b"x")
         svc.request_stop("SIGTERM")
-        await trio.testing.wait_all_tasks_blocked()
+        await settled()
         svc.request_stop("asked by the main process", float("inf"))  # not a second signal
-        await trio.testing.wait_all_tasks_blocked()
+        await settled()
         assert not done.is_set()
         svc.request_stop("asked by the main process", 0.01)
         await done.wait()

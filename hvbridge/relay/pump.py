@@ -125,7 +125,7 @@ class Relay:
         failed: _SideFailed | None = None
         try:
             if self.splice and splice.spliceable(self.client, self.backend):  # rule 6
-                conn = splice.Connection(
+                conn = splice.Connection.of_streams(
                     self.client,
                     self.backend,
                     half_close=self.half_close,

@@ -65,9 +65,9 @@ _COMPACT_SLACK: Final = 64
 #: Free pipes kept for reuse (2 file descriptors each).
 _MAX_FREE_PIPES: Final = 16
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_SPLICE_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", -1)})
-_IN: Final = getattr(select, "EPOLLIN", 1)
-_OUT: Final = getattr(select, "EPOLLOUT", 4)
+SPLICE_FAMILIES: Final = frozenset({socket.AF_INET, socket.AF_INET6, getattr(socket, "AF_UNIX", -1)})
+IN: Final = getattr(select, "EPOLLIN", 1)
+OUT: Final = getattr(select, "EPOLLOUT", 4)
 _ERR_HUP: Final = getattr(select, "EPOLLERR", 8) | getattr(select, "EPOLLHUP", 16)
 
 _TCP_NOTSENT_LOWAT: Final = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
@@ -80,6 +80,25 @@ class Counts(Protocol):
 
     client_to_backend: int
     backend_to_client: int
+
+
+class Socket(Protocol):
+    """What the reactor uses of a socket: a stdlib socket, or the one in a trio.SocketStream."""
+
+    @property
+    def family(self) -> int: ...
+
+    def fileno(self) -> int: ...
+
+    def shutdown(self, how: int, /) -> None: ...
+
+    def setsockopt(self, level: int, optname: int, value: int, /) -> None: ...
+
+
+class Owner(Protocol):
+    """What the reactor hands a ready file descriptor of its epoll set to."""
+
+    def on_event(self, fd: int, events: int, /) -> None: ...
 
 
 class SideError(Exception):
@@ -97,9 +116,22 @@ def spliceable(client: trio.abc.Stream, backend: trio.abc.Stream) -> bool:
         enabled
         and isinstance(client, trio.SocketStream)
         and isinstance(backend, trio.SocketStream)
-        and client.socket.family in _SPLICE_FAMILIES
-        and backend.socket.family in _SPLICE_FAMILIES
+        and client.socket.family in SPLICE_FAMILIES
+        and backend.socket.family in SPLICE_FAMILIES
     )
+
+
+def tune_unix(sock: Socket) -> None:
+    """Give a spliced Unix socket a pipe's worth of send buffer.
+
+    The default (net.core.wmem_default, about 200 KiB) takes a pipeful in five steps, each a
+    wake-up; a pipe's worth is 1.2-1.4x the throughput (docs/performance.md). A limit, not an
+    allocation: idle costs nothing.
+
+    Raises:
+        OSError: The socket refused the option.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PIPE_SIZE)
 
 
 def _queued(fd: int) -> int:
@@ -240,7 +272,6 @@ class _Direction:
         return "backend" if self.upstream else "client"
 
 
-@final
 class Connection:
     """A spliced connection: the reactor thread moves its bytes; its task parks until it ends.
 
@@ -270,25 +301,24 @@ class Connection:
 
     def __init__(
         self,
-        client: trio.abc.Stream,
-        backend: trio.abc.Stream,
+        reactor: Reactor,
+        client: Socket,
+        backend: Socket,
         *,
         half_close: bool,
         idle_timeout: float,
         counts: Counts,
     ) -> None:
-        assert isinstance(client, trio.SocketStream)
-        assert isinstance(backend, trio.SocketStream)
-        self.reactor = _reactor()
-        self.client = client.socket
-        self.backend = backend.socket
-        client_fd, backend_fd = self.client.fileno(), self.backend.fileno()
+        self.reactor = reactor
+        self.client = client
+        self.backend = backend
+        client_fd, backend_fd = client.fileno(), backend.fileno()
         self.up = _Direction(client_fd, backend_fd, "client")
         self.down = _Direction(backend_fd, client_fd, "backend")
         self.half_close = half_close
         self.idle_timeout = idle_timeout
         self.counts = counts
-        self.last_activity = trio.current_time()  # trio's clock; the reactor stamps it too
+        self.last_activity = reactor.clock.current_time()  # trio's clock; the reactor stamps it too
         self.client_mask = 0
         self.backend_mask = 0
         self.done = False  # set by the reactor thread when the connection ends
@@ -296,17 +326,26 @@ class Connection:
         self.reason: EndReason | None = None
         self.error: BaseException | None = None
         self.task: trio.lowlevel.Task | None = None
-        for sock in (self.client, self.backend):
+
+    @classmethod
+    def of_streams(
+        cls, client: trio.abc.Stream, backend: trio.abc.Stream, *, half_close: bool, idle_timeout: float, counts: Counts
+    ) -> Connection:
+        """A connection over two spliceable trio socket streams (spliceable()), for a task to park on."""
+        assert isinstance(client, trio.SocketStream)
+        assert isinstance(backend, trio.SocketStream)
+        conn = cls(
+            reactor(), client.socket, backend.socket, half_close=half_close, idle_timeout=idle_timeout, counts=counts
+        )
+        for sock in (conn.client, conn.backend):
             with contextlib.suppress(OSError):
                 if sock.family == socket.AF_UNIX:
-                    # The default (net.core.wmem_default, about 200 KiB) takes a pipeful in
-                    # five steps, each a wake-up; a pipe's worth is 1.2-1.4x the throughput
-                    # (docs/performance.md). A limit, not an allocation: idle costs nothing.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PIPE_SIZE)
+                    tune_unix(sock)
                 else:
                     # trio.SocketStream sets 16 KiB, which would make a TCP socket report
                     # EPOLLOUT (and take spliced bytes) in 16 KiB steps; -1 = the system default.
                     sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, -1)
+        return conn
 
     # ------------------------------------------------------------ called in the trio thread
 
@@ -321,6 +360,18 @@ class Connection:
             self.reactor.expire_at(self.last_activity + self.idle_timeout, self)
         self.reactor.post(self.start)
         return self
+
+    def deadline(self) -> float:
+        """When the trio side should next ask the reactor to look at this connection (trio time)."""
+        return self.last_activity + self.idle_timeout if self.idle_timeout > 0 else math.inf
+
+    def wake(self) -> None:
+        """The reactor reported this connection ended (trio thread): wake its task."""
+        if self.idle_timeout > 0:
+            self.reactor.timed -= 1
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
     def __call__(self, _: object) -> trio.lowlevel.Abort:
         """Abort function: ask the reactor to end the connection, and stay parked until it has
@@ -345,41 +396,42 @@ class Connection:
 
     def start(self) -> None:
         """Register the sockets: from here on the reactor moves this connection's bytes."""
-        self._guarded(Connection._rearm)
+        self.guarded(self._rearm)
 
     def cancel(self) -> None:
         """The task was cancelled: end the connection (no reason; pump.py says CANCELLED)."""
-        self._guarded(Connection.finish)
+        self.guarded(self.finish)
 
     def expire(self) -> None:
         """The idle deadline came up on the trio side: end the connection if still idle."""
-        self._guarded(Connection._expire)
+        self.guarded(self._expire)
 
     def _expire(self) -> None:
-        if not self.done and self.reactor.clock.current_time() >= self.last_activity + self.idle_timeout:
+        if not self.done and self.idle_timeout > 0 and self.reactor.clock.current_time() >= self.deadline():
             self.reason = EndReason.IDLE_TIMEOUT
             self.finish()
 
-    def _guarded(self, action: Callable[[Connection], None]) -> None:
+    def guarded(self, action: Callable[[], None]) -> None:
+        """Run `action` (reactor thread); if it raises, end this connection with the error."""
         try:
-            action(self)
-        except Exception as exc:  # a bug: end this connection and raise it in its task
+            action()
+        except Exception as exc:  # a bug: end this connection and raise it in its task (or log it)
             self.error = exc
             self.finish()
 
     def on_event(self, fd: int, events: int) -> None:
         """Move what `events` on `fd` allow; any error ends this connection, never the reactor.
 
-        The hot path: _guarded() inlined, to save a call per event."""
+        The hot path: guarded() inlined, to save a call per event."""
         self.reactor.handled += 1
         try:
             failed = bool(events & _ERR_HUP)
             for d in (self.up, self.down):
                 if self.done:
                     return
-                if d.pending and fd == d.dst and (events & _OUT or failed):
+                if d.pending and fd == d.dst and (events & OUT or failed):
                     self._flush(d)
-                elif d.open and not d.pending and fd == d.src and (events & _IN or failed):
+                elif d.open and not d.pending and fd == d.src and (events & IN or failed):
                     self._pump(d)
             if not self.done:
                 self._rearm()
@@ -457,8 +509,8 @@ class Connection:
     def _rearm(self) -> None:
         """Wait on each socket for what its directions need, and on nothing else."""
         up, down = self.up, self.down
-        client = (_IN if up.open and not up.pending else 0) | (_OUT if down.pending else 0)
-        backend = (_IN if down.open and not down.pending else 0) | (_OUT if up.pending else 0)
+        client = (IN if up.open and not up.pending else 0) | (OUT if down.pending else 0)
+        backend = (IN if down.open and not down.pending else 0) | (OUT if up.pending else 0)
         if client != self.client_mask:
             self.reactor.watch(self.up.src, self.client_mask, client, self)
             self.client_mask = client
@@ -481,16 +533,20 @@ class Connection:
                 else:
                     self.reactor.pipes.give_back(d.pipe)
                 d.pipe = None
-        self.reactor.ended(self)
+        self.released()
+
+    def released(self) -> None:
+        """The reactor has let go of both sockets: have trio wake the task (owned.py: close them)."""
+        self.reactor.report(self)
 
 
 @final
-class _Reactor:
+class Reactor:
     """The epoll set of every spliced connection in this trio run, and the thread serving it.
 
     Each attribute belongs to one thread: `epoll`, `owners`, `pipes` and `now` to the reactor
     thread; `deadlines`, `timed` and the idle timer to the trio thread. The two queues between
-    them (`_commands` one way, `_ended` the other) are deques, safe to append to and pop from
+    them (`_commands` one way, `_reports` the other) are deques, safe to append to and pop from
     in different threads; a flag per queue saves a wake-up when one is already on its way.
     """
 
@@ -501,12 +557,15 @@ class _Reactor:
         self.pipes = PipePool()
         self.now = self.clock.current_time()  # when the last epoll_wait() returned
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.epoll.register(self._wake_fd, _IN)
-        self.owners: dict[int, Connection | _Reactor] = {self._wake_fd: self}
+        self.epoll.register(self._wake_fd, IN)
+        self.owners: dict[int, Owner] = {self._wake_fd: self}
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._commands_signalled = False
-        self._ended: collections.deque[Connection] = collections.deque()
-        self._ended_signalled = False
+        self._reports: collections.deque[Connection] = collections.deque()
+        self._reports_signalled = False
+        #: Sockets an owned connection let go of in this batch of events, closed after it, so
+        #: that no later event of the batch finds a reused fd number.
+        self.closing: list[socket.socket] = []
         self._running = True
         self.dead: RuntimeError | None = None  # the reactor thread died of a bug
         self.handled = 0  # socket events handled (settle() tells progress by it)
@@ -540,16 +599,12 @@ class _Reactor:
         if self._sleep is not None and when < self._sleep.deadline:
             self._sleep.deadline = when
 
-    def _wake_tasks(self) -> None:
-        """Wake the tasks of connections the reactor has ended (run by trio, from the token)."""
-        self._ended_signalled = False
-        while self._ended:
-            conn = self._ended.popleft()
-            if conn.idle_timeout > 0:
-                self.timed -= 1
-            task, conn.task = conn.task, None
-            if task is not None:
-                trio.lowlevel.reschedule(task)
+    def _take_reports(self) -> None:
+        """Act on what the reactor reported: connections ended, or owned ones started (run by
+        trio, from the token)."""
+        self._reports_signalled = False
+        while self._reports:
+            self._reports.popleft().wake()
         if len(self.deadlines) > 2 * self.timed + _COMPACT_SLACK:
             self.deadlines = [entry for entry in self.deadlines if not entry[2].done]
             heapq.heapify(self.deadlines)
@@ -560,11 +615,12 @@ class _Reactor:
             _, _, conn = heapq.heappop(self.deadlines)
             if conn.done:
                 continue
-            deadline = conn.last_activity + conn.idle_timeout
+            deadline = conn.deadline()
             if now >= deadline:
                 self.post(conn.expire)  # which checks again, in case bytes moved
-                deadline = now + conn.idle_timeout
-            self.expire_at(deadline, conn)
+                deadline = now + conn.idle_timeout if conn.idle_timeout > 0 else math.inf
+            if deadline < math.inf:
+                self.expire_at(deadline, conn)
 
     async def serve(self) -> None:
         """The idle timer, until the run ends; then stop the reactor thread."""
@@ -589,6 +645,7 @@ class _Reactor:
     def _loop(self) -> None:
         try:
             poll, owners, clock = self.epoll.poll, self.owners, self.clock
+            closing = self.closing
             while self._running:
                 events = poll(-1, 256)
                 self.now = clock.current_time()
@@ -596,6 +653,9 @@ class _Reactor:
                     owner = owners.get(fd)  # None: ended earlier in this batch
                     if owner is not None:
                         owner.on_event(fd, mask)
+                while closing:
+                    closing.pop().close()
+                self.flush_reports()
         except BaseException as exc:
             # A bug outside any one connection (those end just that connection). Nothing
             # would move bytes or end a connection any more: fail every connection, so that
@@ -616,7 +676,8 @@ class _Reactor:
             if isinstance(conn, Connection) and not conn.done:
                 conn.done = True
                 conn.error = self.dead
-                self.ended(conn)
+                self.report(conn)
+        self.flush_reports()
 
     def on_event(self, fd: int, events: int) -> None:
         """The eventfd: run the commands the trio thread posted."""
@@ -626,15 +687,27 @@ class _Reactor:
         while self._commands:
             self._commands.popleft()()
 
-    def ended(self, conn: Connection) -> None:
-        """conn has let go of its sockets: have trio wake its task."""
-        self._ended.append(conn)
-        if not self._ended_signalled:
-            self._ended_signalled = True
-            with contextlib.suppress(trio.RunFinishedError):
-                self.token.run_sync_soon(self._wake_tasks)
+    def report(self, conn: Connection) -> None:
+        """Have trio call conn.wake() once this batch of events is done (flush_reports()): conn
+        has let go of its sockets, or an owned one changed state."""
+        self._reports.append(conn)
 
-    def watch(self, fd: int, old: int, new: int, conn: Connection) -> None:
+    def flush_reports(self) -> None:
+        """Hand trio the reports of this batch, in one wake-up."""
+        if self._reports and not self._reports_signalled:
+            self._reports_signalled = True
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(self._take_reports)
+
+    def forget(self, fd: int, owner: Owner) -> None:
+        """Take `fd` out of the epoll set if `owner` still has it there. Its owner may have
+        closed it already (which took it out), and its number may be another's by now."""
+        if self.owners.get(fd) is owner:
+            del self.owners[fd]
+            with contextlib.suppress(OSError):  # EBADF, ENOENT: closed already
+                self.epoll.unregister(fd)
+
+    def watch(self, fd: int, old: int, new: int, conn: Owner) -> None:
         """Change what the epoll set waits for on `fd` from `old` to `new` (0: nothing)."""
         if new == old:
             return
@@ -696,17 +769,18 @@ def _raise(exc: BaseException) -> None:
     raise exc
 
 
-_REACTOR: Final = trio.lowlevel.RunVar[_Reactor]("hvbridge_splice_reactor")
+_REACTOR: Final = trio.lowlevel.RunVar[Reactor]("hvbridge_splice_reactor")
 
 
-def _reactor() -> _Reactor:
+def reactor() -> Reactor:
+    """This trio run's reactor, started on first use."""
     try:
         return _REACTOR.get()
     except LookupError:
-        reactor = _Reactor()
-        _REACTOR.set(reactor)
-        trio.lowlevel.spawn_system_task(reactor.serve, name="hvbridge.splice.reactor")
-        return reactor
+        made = Reactor()
+        _REACTOR.set(made)
+        trio.lowlevel.spawn_system_task(made.serve, name="hvbridge.splice.reactor")
+        return made
 
 
 async def settle() -> int | None:
@@ -723,9 +797,9 @@ async def settle() -> int | None:
 
 def pipe_pool() -> PipePool:
     """This trio run's pipe pool (for tests and statistics)."""
-    return _reactor().pipes
+    return reactor().pipes
 
 
 async def statistics() -> ReactorStatistics:
     """A read-only snapshot of this trio run's reactor (made if this run has none yet)."""
-    return await _reactor().statistics()
+    return await reactor().statistics()

@@ -30,6 +30,10 @@ Connect: TypeAlias = Callable[[Address, RouteOptions], Awaitable[Stream]]
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
+#: accept() errors that mean "out of resources for now" (trio's ACCEPT_CAPACITY_ERRNOS): the
+#: listener pauses and tries again, rather than the route ending.
+ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
 #: connect() errors that mean "the backend is not there (yet)": logged as such, retried.
 UNAVAILABLE_ERRNOS: Final = frozenset(
     {
@@ -109,9 +113,14 @@ async def abort(stream: trio.abc.AsyncResource) -> None:
     # Any stream with a socket: trio.SocketStream, and the thread-pumped Hyper-V stream.
     sock = getattr(stream, "socket", None)
     if sock is not None:
-        with contextlib.suppress(OSError, TypeError):  # closed; no SO_LINGER; AF_VSOCK takes only ints
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        reset_on_close(sock)
     await trio.aclose_forcefully(stream)
+
+
+def reset_on_close(sock: socket.socket | trio.socket.SocketType) -> None:
+    """Make the socket's close() send a reset (SO_LINGER 0) where it can."""
+    with contextlib.suppress(OSError, TypeError):  # closed; no SO_LINGER; AF_VSOCK takes only ints
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 def listener_address(listener: Listener) -> str:
