@@ -14,6 +14,13 @@ stopping a route stops accepting without cutting its open connections. Each rout
 most `max_connections` at once: at the limit its accept loop waits and the kernel backlog
 holds the rest. The relay closes both streams of every connection it was given.
 
+Routes the splice reactor serves whole (relay/owned.py, chosen by Supervisor.owned_target): no
+accept loop and no task per connection. The reactor accepts, checks `allow`, connects and
+relays; the supervisor hears of each connection in batches (_OwnedSink) and counts and logs it
+with the same opened()/closed() as the accept loops. One task per such route in the
+connections nursery (_keep) ends its connections when that nursery is cancelled, as a
+connection task would, and a drain waits for them like for any other.
+
 PROXY protocol (proxyproto.py, proxyio.py): with `accept_proxy` a connection must start with a
 header, read before the allow check, whose source then stands for the peer; with
 `proxy_protocol` the backend gets a header right after the connect, before the relay starts.

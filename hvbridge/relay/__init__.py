@@ -1,8 +1,9 @@
 """The relay: bytes both ways between two streams until both directions are done.
 
-relay() is the whole public face. pump.py runs a relay (its header holds the relay's rules)
-on the recv_into path, or hands two kernel-spliceable sockets to splice.py; ends.py holds the
-EndReason values and the rules, shared by both paths, that pick one.
+relay() is the face for two streams. pump.py runs a relay (its header holds the relay's rules)
+on the recv_into path, or hands two kernel-spliceable sockets to splice.py; owned.py lets the
+splice reactor serve a whole route (the supervisor uses it directly); ends.py holds the
+EndReason values and the rules, shared by every path, that pick one.
 """
 
 from __future__ import annotations

@@ -15,15 +15,19 @@ How it works, and why:
    thread, not a trio task, is what cuts a 1-byte round trip to socat's (docs/performance.md):
    with a trio task woken per event it took twice as long. Each event moves at most _ROUNDS
    pipefuls, so one busy connection cannot starve the others.
-3. The two threads share nothing but a command queue. Only the reactor thread touches a
-   started connection's state, its epoll registrations and the pipe pool; the trio side asks
-   it to start, cancel or time out a connection (a deque and an eventfd), and the reactor
-   wakes the connection's task through the trio token when it ends. A socket is closed only
-   after its task wakes, so the reactor never sees a file descriptor number reused under it.
+3. The two threads share nothing but two queues. Only the reactor thread touches a started
+   connection's state, its epoll registrations and the pipe pool; the trio side asks it to
+   start, cancel or time out a connection (a deque and an eventfd). The other way, the
+   reactor reports connections (ended, or for owned.py's connections started and connected)
+   once per round of epoll events, in one hand-off through the trio token, which then wakes
+   each ended connection's task (Connection.wake). A socket is closed only after its task
+   wakes, or by the reactor itself after the round of events (owned.py), so the reactor
+   never sees a file descriptor number reused under it.
 4. A connection costs the caller's task, parked until the connection ends, and its epoll
    registrations: no task per direction, no nursery, no buffer (<= 4 KiB of memory per idle
-   connection). Idle deadlines live on the trio side (one system task, a heap), on trio's
-   clock; the reactor stamps activity with that clock.
+   connection); one that owned.py accepted has no task at all. Deadlines (idle, and owned.py's
+   connect) live on the trio side (one system task, a heap), on trio's clock; the reactor
+   stamps activity with that clock.
 5. The relay's rules hold (pump.py rules 1-5; ends.py picks the end on both paths): EOF from
    one side becomes shutdown(SHUT_WR) on the other while the other direction keeps flowing; a
    direction whose destination is full keeps its pipe, stops reading and waits for the
