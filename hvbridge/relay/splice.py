@@ -50,6 +50,7 @@ import select
 import socket
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING, Final, Protocol, final
 
 import attrs
@@ -66,6 +67,10 @@ PIPE_SIZE: Final = 1 << 20
 _ROUNDS: Final = 4
 #: Ended connections' idle deadlines tolerated in the heap beyond the live ones.
 _COMPACT_SLACK: Final = 64
+#: The least time between two hand-offs of reports to trio (seconds, real time): trio wakes for
+#: the reactor at most this often, however many connections start and end. Each wake-up costs
+#: the reactor its GIL at every system call while trio runs (docs/performance.md).
+REPORT_INTERVAL: Final = 0.002
 #: Free pipes kept for reuse (2 file descriptors each).
 _MAX_FREE_PIPES: Final = 16
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -126,7 +131,7 @@ def spliceable(client: trio.abc.Stream, backend: trio.abc.Stream) -> bool:
 
 
 def tune_unix(sock: Socket) -> None:
-    """Give a spliced Unix socket a pipe's worth of send buffer.
+    """Give a spliced Unix socket a pipe's worth of send buffer (the first time it is full).
 
     The default (net.core.wmem_default, about 200 KiB) takes a pipeful in five steps, each a
     wake-up; a pipe's worth is 1.2-1.4x the throughput (docs/performance.md). A limit, not an
@@ -260,11 +265,13 @@ class PipePool:
 class _Direction:
     """One way of a connection: bytes from `src` to `dst`."""
 
-    __slots__ = ("dst", "open", "pending", "pipe", "src", "src_side", "upstream")
+    __slots__ = ("dst", "grow", "open", "pending", "pipe", "src", "src_side", "upstream")
 
-    def __init__(self, src: int, dst: int, src_side: Side) -> None:
+    def __init__(self, src: int, dst: int, src_side: Side, dst_socket: Socket) -> None:
         self.src = src
         self.dst = dst
+        #: A Unix dst whose send buffer is still the default: tune_unix() once it fills.
+        self.grow: Socket | None = dst_socket if dst_socket.family == getattr(socket, "AF_UNIX", -1) else None
         self.src_side: Side = src_side
         self.upstream = src_side == "client"
         self.open = True  # no EOF from src yet
@@ -317,8 +324,8 @@ class Connection:
         self.client = client
         self.backend = backend
         client_fd, backend_fd = client.fileno(), backend.fileno()
-        self.up = _Direction(client_fd, backend_fd, "client")
-        self.down = _Direction(backend_fd, client_fd, "backend")
+        self.up = _Direction(client_fd, backend_fd, "client", backend)
+        self.down = _Direction(backend_fd, client_fd, "backend", client)
         self.half_close = half_close
         self.idle_timeout = idle_timeout
         self.counts = counts
@@ -342,10 +349,8 @@ class Connection:
             reactor(), client.socket, backend.socket, half_close=half_close, idle_timeout=idle_timeout, counts=counts
         )
         for sock in (conn.client, conn.backend):
-            with contextlib.suppress(OSError):
-                if sock.family == socket.AF_UNIX:
-                    tune_unix(sock)
-                else:
+            if sock.family != socket.AF_UNIX:
+                with contextlib.suppress(OSError):
                     # trio.SocketStream sets 16 KiB, which would make a TCP socket report
                     # EPOLLOUT (and take spliced bytes) in 16 KiB steps; -1 = the system default.
                     sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, -1)
@@ -482,7 +487,12 @@ class Connection:
             try:
                 n = os.splice(d.pipe.read_fd, d.dst, d.pending, flags=_SPLICE_FLAGS)
             except BlockingIOError:
-                return False
+                if d.grow is None:
+                    return False
+                sock, d.grow = d.grow, None  # the first time a Unix dst is full: a bigger buffer
+                with contextlib.suppress(OSError):
+                    tune_unix(sock)
+                continue
             except OSError as exc:
                 self._fail(d.dst_side, exc)
                 return False
@@ -527,8 +537,7 @@ class Connection:
         if self.done:
             return
         self.done = True
-        self.reactor.watch(self.up.src, self.client_mask, 0, self)
-        self.reactor.watch(self.down.src, self.backend_mask, 0, self)
+        self.leave_epoll()
         self.client_mask = self.backend_mask = 0
         for d in (self.up, self.down):
             if d.pipe is not None:
@@ -538,6 +547,11 @@ class Connection:
                     self.reactor.pipes.give_back(d.pipe)
                 d.pipe = None
         self.released()
+
+    def leave_epoll(self) -> None:
+        """Take both sockets out of the epoll set: their task closes them later."""
+        self.reactor.watch(self.up.src, self.client_mask, 0, self)
+        self.reactor.watch(self.down.src, self.backend_mask, 0, self)
 
     def released(self) -> None:
         """The reactor has let go of both sockets: have trio wake the task (owned.py: close them)."""
@@ -567,6 +581,7 @@ class Reactor:
         self._commands_signalled = False
         self._reports: collections.deque[Connection] = collections.deque()
         self._reports_signalled = False
+        self._flushed = 0.0  # time.monotonic() of the last hand-off of reports
         #: Sockets an owned connection let go of in this batch of events, closed after it, so
         #: that no later event of the batch finds a reused fd number.
         self.closing: list[socket.socket] = []
@@ -649,9 +664,10 @@ class Reactor:
     def _loop(self) -> None:
         try:
             poll, owners, clock = self.epoll.poll, self.owners, self.clock
-            closing = self.closing
+            closing, reports, monotonic = self.closing, self._reports, time.monotonic
+            timeout = -1.0
             while self._running:
-                events = poll(-1, 256)
+                events = poll(timeout, 256)
                 self.now = clock.current_time()
                 for fd, mask in events:
                     owner = owners.get(fd)  # None: ended earlier in this batch
@@ -659,7 +675,13 @@ class Reactor:
                         owner.on_event(fd, mask)
                 while closing:
                     closing.pop().close()
-                self.flush_reports()
+                timeout = -1.0
+                if reports and not self._reports_signalled:
+                    wait = self._flushed + REPORT_INTERVAL - monotonic()
+                    if wait > 0:
+                        timeout = wait
+                    else:
+                        self.flush_reports()
         except BaseException as exc:
             # A bug outside any one connection (those end just that connection). Nothing
             # would move bytes or end a connection any more: fail every connection, so that
@@ -697,11 +719,17 @@ class Reactor:
         self._reports.append(conn)
 
     def flush_reports(self) -> None:
-        """Hand trio the reports of this batch, in one wake-up."""
+        """Hand trio the reports so far, in one wake-up."""
         if self._reports and not self._reports_signalled:
             self._reports_signalled = True
+            self._flushed = time.monotonic()
             with contextlib.suppress(trio.RunFinishedError):
                 self.token.run_sync_soon(self._take_reports)
+
+    def tell_trio(self, function: Callable[[], object]) -> None:
+        """Have trio run `function()` after the reports so far (reactor thread)."""
+        self.flush_reports()
+        self.token.run_sync_soon(function)
 
     def forget(self, fd: int, owner: Owner) -> None:
         """Take `fd` out of the epoll set if `owner` still has it there. Its owner may have
@@ -736,7 +764,7 @@ class Reactor:
             pending = sum(d.pending for d in directions)
             queued = sum(_queued(d.pipe.read_fd) for d in directions if d.pipe is not None)
             seen.append((watched, pending, queued, self.pipes.statistics()))
-            self.token.run_sync_soon(done.set)
+            self.tell_trio(done.set)
 
         self.post(take)
         await done.wait()
@@ -762,7 +790,7 @@ class Reactor:
             nonlocal handled
             if all(fd == self._wake_fd for fd, _ in self.epoll.poll(0)):
                 handled = self.handled
-            self.token.run_sync_soon(done.set)
+            self.tell_trio(done.set)
 
         self.post(barrier)
         await done.wait()
