@@ -33,6 +33,9 @@ HVBRIDGE_COMMANDS: Final = {
     ),
 }
 RELAYS: Final = ("direct", *HVBRIDGE_COMMANDS, "socat", "haproxy", "haproxy-splice")
+#: Relays only run when asked for with --relays: `python-floor` (floor.py) is the least a
+#: Python relay does per connection, for the connection-rate test only.
+EXTRA_RELAYS: Final = ("python-floor",)
 
 
 def free_port() -> int:
@@ -188,6 +191,12 @@ class Relay:
             )
             command = self.hvbridge_command.format(python=shlex.quote(sys.executable), config=shlex.quote(str(config)))
             return shlex.split(command)
+        if self.name == "python-floor":
+            return [
+                sys.executable,
+                str(Path(__file__).with_name("floor.py")),
+                *map(_floor_address, (self.listen, self.server)),
+            ]
         if self.name == "socat":
             return [
                 "socat",
@@ -233,3 +242,7 @@ class Relay:
             "backend server\n"
             f"    {server}\n"
         )
+
+
+def _floor_address(address: Address) -> str:
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"

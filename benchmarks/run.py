@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Final
 
 import peer
-from relays import HVBRIDGE_COMMANDS, RELAYS, Family, Relay
+from relays import EXTRA_RELAYS, HVBRIDGE_COMMANDS, RELAYS, Family, Relay
 
 HERE: Final = Path(__file__).resolve().parent
 GiB: Final = 1 << 30
@@ -261,9 +261,11 @@ def ratios(results: Results) -> str:
             lines.append(
                 f"| KiB per idle connection, 9,000 held | {family} | {mine[0]:.2f} | 4 KiB | - | <= 4 KiB | {met} |"
             )
-        mine, other = best(("hvbridge", "hvbridge-2w"), "rate"), best(("haproxy", "haproxy-splice"), "rate")
-        if mine and other:
-            row(f"new connections/s ({mine[1]})", family, mine[0], other[0], other[1], ">= 1.0x", "0")
+        other = best(("haproxy", "haproxy-splice"), "rate")  # HAProxy's best, with or without splice
+        for relay, label, goal in (("hvbridge-2w", "--workers 2", ">= 1.0x"), ("hvbridge", "one process", ">= 0.6x")):
+            mine = best((relay,), "rate")
+            if mine and other:
+                row(f"new connections/s ({label})", family, mine[0], other[0], other[1], goal, "0")
     return "\n".join(lines)
 
 
@@ -285,7 +287,11 @@ def main() -> None:
         "--socat-hold-max", type=int, default=1000, help="socat forks a process per connection: hold at most this many"
     )
     parser.add_argument("--tests", default="memory,throughput,latency,rate", help="comma-separated subset of the tests")
-    parser.add_argument("--relays", default=",".join(RELAYS), help="comma-separated subset of " + ",".join(RELAYS))
+    parser.add_argument(
+        "--relays",
+        default=",".join(RELAYS),
+        help="comma-separated subset of " + ",".join(RELAYS) + ", or also " + ",".join(EXTRA_RELAYS),
+    )
     parser.add_argument("--families", default="tcp,unix", help="tcp, unix or both")
     parser.add_argument(
         "--variant",

@@ -425,3 +425,25 @@ async def test_running_out_of_descriptors_at_accept_pauses_the_route(
             await stream.aclose()
             nursery.cancel_scope.cancel()
     assert any(r.getMessage().startswith("accept failed: Too many open files; pausing") for r in caplog.records)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_the_idle_timeout_ends_an_idle_connection_before_the_connect_timeout(
+    family: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Idle 0.2 s against a connect timeout of 60 s: the idle deadline is armed once the backend
+    connects, not only when the connect deadline comes up (the test's LIMIT is 10 s). The real
+    clock: the autojump clock would jump while the reactor thread still works."""
+    caplog.set_level(logging.INFO, "hvbridge")
+    options = RouteOptions(idle_timeout=0.2, connect_timeout=60.0)
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            target = await start_backend(nursery, family, tmp_path)
+            supervisor = await serve(nursery, Route("r", listen_address(family, tmp_path), target, options))
+            stream = await dial(bound(supervisor))
+            await stream.send_all(b"once")
+            assert await stream.receive_some(10) == b"once"
+            assert await receive_all(stream) == b""  # then nothing moves: closed
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+    assert closed_lines(caplog)[0]["reason"] == "idle timeout"

@@ -165,6 +165,8 @@ class OwnedConnection(splice.Connection):
         if self.heard == 1 and self.connect_seconds is not None:
             self.heard = 2
             route.sink.connected(self)
+            if self.idle_timeout > 0:  # an idle timeout shorter than the connect timeout
+                reactor.expire_at(self.deadline(), self)
         if self.over:
             self.over = False
             reactor.timed -= 1
