@@ -427,23 +427,39 @@ async def test_running_out_of_descriptors_at_accept_pauses_the_route(
     assert any(r.getMessage().startswith("accept failed: Too many open files; pausing") for r in caplog.records)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-async def test_the_idle_timeout_ends_an_idle_connection_before_the_connect_timeout(
-    family: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_the_idle_timeout_is_armed_when_a_slow_connect_completes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Idle 0.2 s against a connect timeout of 60 s: the idle deadline is armed once the backend
-    connects, not only when the connect deadline comes up (the test's LIMIT is 10 s). The real
-    clock: the autojump clock would jump while the reactor thread still works."""
+    """Idle 0.2 s against a connect timeout of 60 s, and a backend whose full accept queue drops
+    the first SYN, so the backend connects (about 1 s later, at the SYN's retransmission) after
+    trio heard of the accept: the idle deadline must be armed then, not only when the connect
+    deadline comes up (the test's LIMIT is 10 s). The real clock: the autojump clock would jump
+    while the reactor thread still works."""
     caplog.set_level(logging.INFO, "hvbridge")
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    queued = [socket.create_connection(full.getsockname(), timeout=5)]  # fills a backlog of 0
     options = RouteOptions(idle_timeout=0.2, connect_timeout=60.0)
-    with trio.fail_after(LIMIT):
-        async with trio.open_nursery() as nursery:
-            target = await start_backend(nursery, family, tmp_path)
-            supervisor = await serve(nursery, Route("r", listen_address(family, tmp_path), target, options))
-            stream = await dial(bound(supervisor))
-            await stream.send_all(b"once")
-            assert await stream.receive_some(10) == b"once"
-            assert await receive_all(stream) == b""  # then nothing moves: closed
-            await stream.aclose()
-            nursery.cancel_scope.cancel()
+    target = TcpAddress("127.0.0.1", full.getsockname()[1])
+    try:
+        with trio.fail_after(LIMIT):
+            async with trio.open_nursery() as nursery:
+                supervisor = await serve(nursery, Route("r", TcpAddress("127.0.0.1", 0), target, options))
+                stream = await dial(bound(supervisor))
+                await stream.send_all(b"once")
+                await settled()
+                assert supervisor.statistics()["r"].accepted == 1  # heard of, still connecting
+                for _ in queued:
+                    full.accept()[0].close()  # room in the queue: the retransmitted SYN gets in
+                full.setblocking(False)
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(full))
+                await nursery.start(trio.serve_listeners, echo, [listener])
+                assert await stream.receive_some(10) == b"once"
+                assert await receive_all(stream) == b""  # then nothing moves: closed
+                await stream.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        for sock in queued:
+            sock.close()
     assert closed_lines(caplog)[0]["reason"] == "idle timeout"
