@@ -248,6 +248,7 @@ class Supervisor:
                     if served is None:
                         nursery.start_soon(self._accept_loop, route, listener, slots, counters)
                 if served is not None:
+                    served[0].start()  # after the lines above: they come before any connection's
                     nursery.start_soon(self._serve_owned, route, *served)
                 task_status.started(listeners)
             raise AssertionError("accept loops never return")  # pragma: no cover
@@ -311,8 +312,8 @@ class Supervisor:
     def _own(
         self, route: Route, listeners: Sequence[base.Listener], counters: RouteCounters
     ) -> tuple[owned.OwnedRoute, trio.MemoryReceiveChannel[OSError]]:
-        """Hand the route's listeners to the splice reactor; the caller stop()s it. Also
-        returns where its accept errors arrive."""
+        """Hand the route's listeners to the splice reactor; the caller start()s and stop()s
+        it. Also returns where its accept errors arrive."""
         failures, failed = trio.open_memory_channel[OSError](math.inf)
         assert isinstance(route.connect, TcpAddress | UnixAddress)
         served = owned.OwnedRoute(
@@ -324,7 +325,6 @@ class Supervisor:
             _OwnedSink(self, route, counters, failures),
         )
         self.connections.start_soon(self._keep, served)
-        served.start()
         for listener in listeners:
             self._owned[id(listener)] = served
         return served, failed

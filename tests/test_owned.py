@@ -405,22 +405,25 @@ async def test_running_out_of_descriptors_at_accept_pauses_the_route(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """EMFILE from accept(): logged, the listener paused, then served again after the delay."""
+    caplog.set_level(logging.INFO, "hvbridge")
     failures = [OSError(errno.EMFILE, "Too many open files")]
-    real = socket.socket.accept
+    real = socket.socket._accept  # type: ignore[attr-defined]  # what the reactor calls
 
-    def accept(self: socket.socket) -> tuple[socket.socket, object]:
+    def accept(self: socket.socket) -> tuple[int, object]:
         if failures and self.getsockname() == bound(supervisor)[1]:
             raise failures.pop()
-        return real(self)
+        result: tuple[int, object] = real(self)
+        return result
 
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
             target = await start_backend(nursery, "tcp", tmp_path)
             supervisor = await serve(nursery, Route("r", TcpAddress("127.0.0.1", 0), target))
-            monkeypatch.setattr(socket.socket, "accept", accept)
+            monkeypatch.setattr(socket.socket, "_accept", accept)
             stream = await dial(bound(supervisor))
             await stream.send_all(b"later")
             assert await stream.receive_some(10) == b"later"  # after the pause
+            assert failures == []
             monkeypatch.undo()
             await stream.aclose()
             nursery.cancel_scope.cancel()
