@@ -318,6 +318,7 @@ async def test_max_connections_holds_the_rest_in_the_backlog(tmp_path: Path) -> 
             assert (stats.accepted, stats.active) == (2, 2)  # the third is in the kernel's backlog
             await first.aclose()
             assert await third.receive_some(10) == b"waits"  # served once one ended
+            await settled()  # trio hears of it within the reactor's report interval
             assert supervisor.statistics()["r"].accepted == 3
             for stream in (second, third):
                 await stream.aclose()
