@@ -304,7 +304,6 @@ class Supervisor:
             and options.proxy_protocol == "none"
             and not options.connect_retries
             and isinstance(route.listen, TcpAddress | UnixAddress)
-            and isinstance(route.connect, TcpAddress | UnixAddress)
             and owned.target_sockaddr(route.connect) is not None
             and all(_spliceable_socket(listener) is not None for listener in listeners)
         )
@@ -344,10 +343,11 @@ class Supervisor:
         connection ended; cancelled, end its connections first (as their tasks would)."""
         try:
             await served.wait_idle()
-        finally:
+        except BaseException:
             with trio.CancelScope(shield=True):
                 await served.stop()
                 await served.cancel()
+            raise
 
     async def _handle(
         self, route: Route, stream: base.Stream, slots: trio.Semaphore, counters: RouteCounters, transfer: Transfer

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from hvbridge.addresses import Address
+    from hvbridge.routes import RouteOptions
 
 #: Connections one readable event of a listener may accept before the reactor serves others.
 _ACCEPT_BATCH: Final = 64
@@ -274,7 +275,7 @@ class OwnedRoute:
         reactor: splice.Reactor,
         listeners: Sequence[splice.Socket],
         target: TcpAddress | UnixAddress,
-        options: RouteOptionsLike,
+        options: RouteOptions,
         allowed: Callable[[tuple[int, object]], bool] | None,
         sink: Sink,
     ) -> None:
@@ -436,19 +437,3 @@ class OwnedRoute:
             conn._fail("client", exc)
             return
         conn.connect(self.target_sockaddr)
-
-
-class RouteOptionsLike(Protocol):
-    """What OwnedRoute reads of a route's options (routes.RouteOptions)."""
-
-    @property
-    def half_close(self) -> bool: ...
-
-    @property
-    def idle_timeout(self) -> float: ...
-
-    @property
-    def connect_timeout(self) -> float: ...
-
-    @property
-    def max_connections(self) -> int: ...
