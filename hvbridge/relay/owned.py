@@ -32,6 +32,7 @@ import functools
 import ipaddress
 import math
 import os
+import select
 import socket
 from typing import TYPE_CHECKING, Final, Protocol, final
 
@@ -51,6 +52,10 @@ if TYPE_CHECKING:
 
 #: Connections one readable event of a listener may accept before the reactor serves others.
 _ACCEPT_BATCH: Final = 64
+#: What a listener is watched for. EPOLLEXCLUSIVE: of the processes whose epoll sets hold one
+#: listening socket (`--workers`), a new connection wakes one, not all of them to race for it.
+#: It is only ever added and deleted, never modified, as the kernel requires.
+_LISTENING: Final = IN | getattr(select, "EPOLLEXCLUSIVE", 0)
 
 
 class Sink(Protocol):
@@ -350,7 +355,7 @@ class OwnedRoute:
             for fd in self._listeners:
                 if on:
                     with contextlib.suppress(OSError):  # EBADF: closed by its owner; the route is going
-                        self.reactor.watch(fd, 0, IN, self)
+                        self.reactor.watch(fd, 0, _LISTENING, self)
                 else:
                     self.reactor.forget(fd, self)
 
