@@ -19,6 +19,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Final, final
 
 import attrs
@@ -269,6 +270,32 @@ async def test_backpressure_holds_one_pipe_and_stops_reading(
         await settled()
         assert pool.in_use == 0
     assert r.transfer.client_to_backend == len(data)
+
+
+async def test_a_unix_send_buffer_grows_to_a_pipe_the_first_time_it_is_full(nursery: trio.Nursery) -> None:
+    """A short exchange keeps the default send buffer (no system call for it per connection);
+    the first time the destination is full it becomes a pipe's size (the kernel reports twice
+    what was set, up to net.core.wmem_max)."""
+
+    def sndbuf(stream: trio.SocketStream) -> int:
+        value: int = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        return value
+
+    data = random.Random(5).randbytes(32 << 20)
+    with trio.fail_after(LIMIT):
+        r = await start_relay(nursery, "unix")
+        client_inner, backend_inner = r.inner
+        default = sndbuf(backend_inner)
+        assert default < 2 * splice.PIPE_SIZE
+        await r.client.send_all(b"ping")
+        assert await read_exactly(r.backend, 4) == b"ping"
+        await settled()
+        assert sndbuf(backend_inner) == default  # not full yet: untouched
+        await fill_until_blocked(r, nursery, data)
+        cap = int(Path("/proc/sys/net/core/wmem_max").read_text())  # SO_SNDBUF's ceiling
+        assert sndbuf(backend_inner) == 2 * min(splice.PIPE_SIZE, cap)
+        assert sndbuf(client_inner) == default  # nothing filled the other way
+        assert await read_exactly(r.backend, len(data)) == data
 
 
 async def test_reset_with_bytes_in_the_pipe_discards_the_pipe(nursery: trio.Nursery, pool: splice.PipePool) -> None:
