@@ -272,6 +272,11 @@ async def test_backpressure_holds_one_pipe_and_stops_reading(
     assert r.transfer.client_to_backend == len(data)
 
 
+def sndbuf_ceiling() -> int:
+    """net.core.wmem_max: the most SO_SNDBUF may be set to."""
+    return int(Path("/proc/sys/net/core/wmem_max").read_text())
+
+
 async def test_a_unix_send_buffer_grows_to_a_pipe_the_first_time_it_is_full(nursery: trio.Nursery) -> None:
     """A short exchange keeps the default send buffer (no system call for it per connection);
     the first time the destination is full it becomes a pipe's size (the kernel reports twice
@@ -292,8 +297,7 @@ async def test_a_unix_send_buffer_grows_to_a_pipe_the_first_time_it_is_full(nurs
         await settled()
         assert sndbuf(backend_inner) == default  # not full yet: untouched
         await fill_until_blocked(r, nursery, data)
-        cap = int(Path("/proc/sys/net/core/wmem_max").read_text())  # SO_SNDBUF's ceiling
-        assert sndbuf(backend_inner) == 2 * min(splice.PIPE_SIZE, cap)
+        assert sndbuf(backend_inner) == 2 * min(splice.PIPE_SIZE, sndbuf_ceiling())
         assert sndbuf(client_inner) == default  # nothing filled the other way
         assert await read_exactly(r.backend, len(data)) == data
 
