@@ -127,7 +127,7 @@ class LocalEngine:
 
     async def snapshot(self) -> Snapshot:
         """This process's route counters."""
-        return self.supervisor.statistics()
+        return await self.supervisor.current_statistics()
 
     def pids(self) -> None:
         """Process metrics of this process alone."""

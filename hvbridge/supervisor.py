@@ -186,6 +186,12 @@ class Supervisor:
         while self._open:
             await self._idle_lot.park()
 
+    async def current_statistics(self) -> dict[str, RouteStatistics]:
+        """statistics(), once trio has heard of every connection the splice reactor has
+        reported so far (it hands them over every few milliseconds)."""
+        await splice.flush()
+        return self.statistics()
+
     def statistics(self) -> dict[str, RouteStatistics]:
         """Per-route counters, by route name."""
         return {name: c.snapshot() for name, c in self.counters.items()}

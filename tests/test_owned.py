@@ -467,3 +467,27 @@ async def test_the_idle_timeout_is_armed_when_a_slow_connect_completes(
         for sock in queued:
             sock.close()
     assert closed_lines(caplog)[0]["reason"] == "idle timeout"
+
+
+async def test_current_statistics_include_connections_not_yet_handed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reactor hands its reports to trio every REPORT_INTERVAL; a scrape (the engine's
+    snapshot) asks for them first, so it counts every connection accepted before it."""
+    monkeypatch.setattr(splice, "REPORT_INTERVAL", 3600.0)  # after the first hand-off, none by itself
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            target = await start_backend(nursery, "tcp", tmp_path)
+            supervisor = await serve(nursery, Route("r", TcpAddress("127.0.0.1", 0), target))
+            streams = []
+            for i in range(4):
+                stream = await dial(bound(supervisor))
+                await stream.send_all(b"%d" % i)
+                assert await stream.receive_some(10) == b"%d" % i
+                streams.append(stream)
+            assert supervisor.statistics()["r"].accepted < 4  # some reports are still held
+            stats = (await supervisor.current_statistics())["r"]
+            assert (stats.accepted, stats.active) == (4, 4)
+            for stream in streams:
+                await stream.aclose()
+            nursery.cancel_scope.cancel()

@@ -383,6 +383,7 @@ class OwnedRoute:
     def _cancel_all(self) -> None:
         for conn in list(self.live):
             conn.cancel()
+        self.reactor.flush_reports()  # a shutdown does not wait for REPORT_INTERVAL
 
     def _accept_failed(self, exc: OSError) -> None:
         self._paused = exc.errno in ACCEPT_CAPACITY_ERRNOS

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import heapq
 import math
 import os
@@ -778,6 +779,14 @@ class Reactor:
             pipes=pipes,
         )
 
+    async def flush(self) -> None:
+        """Wait until trio has acted on the reports made so far (flush())."""
+        if self.dead is not None:
+            return
+        done = trio.Event()
+        self.post(functools.partial(self.tell_trio, done.set))
+        await done.wait()
+
     async def settle(self) -> int | None:
         """Wait for the reactor thread to run a command. If, when it did, no socket of its
         epoll set was ready (a fresh look, not the batch the command came in: the thread may
@@ -813,6 +822,16 @@ def reactor() -> Reactor:
         _REACTOR.set(made)
         trio.lowlevel.spawn_system_task(made.serve, name="hvbridge.splice.reactor")
         return made
+
+
+async def flush() -> None:
+    """Wait until trio has acted on every report this run's reactor has made so far (the
+    reports wait up to REPORT_INTERVAL otherwise). No reactor in this run: at once."""
+    try:
+        running = _REACTOR.get()
+    except LookupError:
+        return
+    await running.flush()
 
 
 async def settle() -> int | None:
