@@ -182,7 +182,9 @@ class Supervisor:
                 await served.stop()
 
     async def wait_idle(self) -> None:
-        """Wait until no accepted connection is open (a graceful shutdown's drain)."""
+        """Wait until no accepted connection is open (a graceful shutdown's drain), counting
+        those the splice reactor accepted and has not reported yet."""
+        await splice.flush()
         while self._open:
             await self._idle_lot.park()
 

@@ -491,3 +491,37 @@ async def test_current_statistics_include_connections_not_yet_handed_over(
             for stream in streams:
                 await stream.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_wait_idle_counts_connections_not_yet_handed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain's wait_idle() takes the reactor's held reports first: an open connection that
+    trio has not heard of yet still keeps it waiting."""
+    monkeypatch.setattr(splice, "REPORT_INTERVAL", 3600.0)
+    idle = trio.Event()
+
+    async def drain(supervisor: Supervisor) -> None:
+        await supervisor.wait_idle()
+        idle.set()
+
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            target = await start_backend(nursery, "tcp", tmp_path)
+            supervisor = await serve(nursery, Route("r", TcpAddress("127.0.0.1", 0), target))
+            first = await dial(bound(supervisor))  # the first hand-off goes at once...
+            await first.send_all(b"a")
+            assert await first.receive_some(10) == b"a"
+            await first.aclose()
+            await settled()  # its end too: nothing open that trio knows of
+            assert supervisor.active == 0
+            second = await dial(bound(supervisor))  # ...and this one's reports wait
+            await second.send_all(b"b")
+            assert await second.receive_some(10) == b"b"
+            nursery.start_soon(drain, supervisor)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not idle.is_set()
+            await second.aclose()
+            await settled()  # the reactor has seen the end and handed it over
+            await idle.wait()
+            nursery.cancel_scope.cancel()
