@@ -9,10 +9,11 @@ test is bounded with trio.fail_after; none sleeps on the real clock. Linux only.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import ipaddress
 import logging
+import os
+import resource
 import socket
 from typing import TYPE_CHECKING, Final
 
@@ -402,33 +403,47 @@ async def test_a_bug_in_one_connection_is_logged_and_ends_it_alone(
     assert closed_lines(caplog)[0]["reason"] == "cancelled: relay bug: RuntimeError: boom"
 
 
+class _Seen(logging.Handler):
+    """Sets `event` when a record whose message starts with `prefix` is logged (in trio's thread)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.event = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.prefix):
+            self.event.set()
+
+
 async def test_running_out_of_descriptors_at_accept_pauses_the_route(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """EMFILE from accept(): logged, the listener paused, then served again after the delay."""
+    """A real EMFILE from accept() (the descriptor limit lowered to what is open): logged, the
+    listener paused, and once descriptors are free again the waiting client is served."""
+    seen = _Seen("accept failed: Too many open files; pausing")
     caplog.set_level(logging.INFO, "hvbridge")
-    failures = [OSError(errno.EMFILE, "Too many open files")]
-    real = socket.socket._accept  # type: ignore[attr-defined]  # what the reactor calls
-
-    def accept(self: socket.socket) -> tuple[int, object]:
-        if failures and self.getsockname() == bound(supervisor)[1]:
-            raise failures.pop()
-        result: tuple[int, object] = real(self)
-        return result
-
+    LOGGER.addHandler(seen)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
             target = await start_backend(nursery, "tcp", tmp_path)
             supervisor = await serve(nursery, Route("r", TcpAddress("127.0.0.1", 0), target))
-            monkeypatch.setattr(socket.socket, "_accept", accept)
-            stream = await dial(bound(supervisor))
+            family, address = bound(supervisor)
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+            lowest_free = os.dup(0)
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                await sock.connect(address)  # the kernel's backlog takes it; accept() cannot
+                await seen.event.wait()
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            stream = trio.SocketStream(sock)
             await stream.send_all(b"later")
             assert await stream.receive_some(10) == b"later"  # after the pause
-            assert failures == []
-            monkeypatch.undo()
             await stream.aclose()
             nursery.cancel_scope.cancel()
-    assert any(r.getMessage().startswith("accept failed: Too many open files; pausing") for r in caplog.records)
 
 
 async def test_the_idle_timeout_is_armed_when_a_slow_connect_completes(

@@ -126,7 +126,7 @@ class OwnedConnection(splice.Connection):
     )
 
     def __init__(
-        self, route: OwnedRoute, client: socket.socket, peer: tuple[int, object], backend: socket.socket | None
+        self, route: OwnedRoute, client: socket.SocketType, peer: tuple[int, object], backend: socket.SocketType | None
     ) -> None:
         options = route.options
         self.transfer = Transfer()
@@ -140,7 +140,7 @@ class OwnedConnection(splice.Connection):
         )
         self.route = route
         #: The sockets to close at the end: the backend's is missing if refused or none could be made.
-        self.sockets: tuple[socket.socket, ...] = (client,) if backend is None else (client, backend)
+        self.sockets: tuple[socket.SocketType, ...] = (client,) if backend is None else (client, backend)
         #: (family, sockaddr) of the client, as accept() gave it.
         self.peer = peer
         self.started = self.last_activity
@@ -187,7 +187,7 @@ class OwnedConnection(splice.Connection):
         try:
             backend.connect(target)
         except BlockingIOError as exc:
-            if backend.family == socket.AF_UNIX:  # EAGAIN: the backend's listen queue is full
+            if self.route.target_family == socket.AF_UNIX:  # EAGAIN: the backend's listen queue is full
                 self.connect_failed(exc)
                 return
             self.route.connecting[self.down.src] = self
@@ -296,8 +296,14 @@ class OwnedRoute:
         # bound that a reload releases to bind it under another spelling): detached, never
         # closed, by stop(). A listener closed before then has left the epoll set by itself.
         self._listeners = {
-            sock.fileno(): socket.socket(sock.family, socket.SOCK_STREAM, 0, sock.fileno()) for sock in listeners
+            sock.fileno(): socket.SocketType(sock.family, socket.SOCK_STREAM, 0, sock.fileno()) for sock in listeners
         }
+        for sock in self._listeners.values():
+            if sock.family != socket.AF_UNIX:
+                with contextlib.suppress(OSError):
+                    # Inherited by every socket accept() gives (Linux): one system call per
+                    # connection fewer. The task path's streams set it on their own anyway.
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._families = {sock.fileno(): int(sock.family) for sock in listeners}
         # Reactor thread only:
         self.live: set[OwnedConnection] = set()
@@ -408,21 +414,23 @@ class OwnedRoute:
                 return
             try:
                 # socket.accept() without its conversions of the family and type to enums,
-                # a tenth of the reactor's Python work per connection.
+                # a tenth of the reactor's Python work per connection. For the same reason the
+                # reactor's sockets are socket.SocketType, the C type under socket.socket,
+                # which costs a third as much to make and has a plain int family.
                 client_fd, sockaddr = listener._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
                 return
             except OSError as exc:
                 self._accept_failed(exc)
                 return
-            self._take(socket.socket(family, socket.SOCK_STREAM, 0, client_fd), (family, sockaddr))
+            self._take(socket.SocketType(family, socket.SOCK_STREAM, 0, client_fd), (family, sockaddr))
 
-    def _take(self, client: socket.socket, peer: tuple[int, object]) -> None:
+    def _take(self, client: socket.SocketType, peer: tuple[int, object]) -> None:
         """A new connection: check the allow list, make the backend socket, tell trio, connect."""
         backend = error = None
         if self.allowed is None or self.allowed(peer):
             try:
-                backend = socket.socket(self.target_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+                backend = socket.SocketType(self.target_family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             except OSError as exc:  # EMFILE, ENFILE: this connection alone fails
                 error = exc
         conn = OwnedConnection(self, client, peer, backend)
@@ -436,9 +444,8 @@ class OwnedRoute:
             return
         try:
             client.setblocking(False)
-            for sock in (client, backend):
-                if sock.family != socket.AF_UNIX:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if backend.family != socket.AF_UNIX:  # the client's came from its listener
+                backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             conn._fail("client", exc)
             return

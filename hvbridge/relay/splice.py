@@ -506,7 +506,9 @@ class Connection:
 
     def _eof(self, d: _Direction) -> None:
         d.open = False
-        if self.half_close:
+        # With the other way ended too, the connection ends now and closing dst sends its FIN:
+        # no shutdown() first.
+        if self.half_close and (self.down.open if d.upstream else self.up.open):
             try:
                 (self.backend if d.upstream else self.client).shutdown(socket.SHUT_WR)
             except OSError as exc:
@@ -585,7 +587,7 @@ class Reactor:
         self._flushed = 0.0  # time.monotonic() of the last hand-off of reports
         #: Sockets an owned connection let go of in this batch of events, closed after it, so
         #: that no later event of the batch finds a reused fd number.
-        self.closing: list[socket.socket] = []
+        self.closing: list[socket.SocketType] = []
         self._running = True
         self.dead: RuntimeError | None = None  # the reactor thread died of a bug
         self.handled = 0  # socket events handled (settle() tells progress by it)

@@ -117,7 +117,7 @@ async def abort(stream: trio.abc.AsyncResource) -> None:
     await trio.aclose_forcefully(stream)
 
 
-def reset_on_close(sock: socket.socket | trio.socket.SocketType) -> None:
+def reset_on_close(sock: socket.SocketType | trio.socket.SocketType) -> None:
     """Make the socket's close() send a reset (SO_LINGER 0) where it can."""
     with contextlib.suppress(OSError, TypeError):  # closed; no SO_LINGER; AF_VSOCK takes only ints
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
