@@ -13,9 +13,10 @@ Rules:
    connection is a splice.Connection, so the relay's rules are splice.py's (its rule 5).
 2. A connection refused by the allow list, or whose backend cannot be reached within
    connect_timeout, is closed with a reset, as on the task path; so is one whose relay failed.
-3. Trio hears of a connection when it was accepted, when its backend connected and when it
-   ended, in batches (Reactor.report); the Sink's methods run in the trio thread. The
-   connect and idle deadlines are on trio's clock, in the reactor's heap of deadlines.
+3. Trio hears of a connection at each change after the accept (its backend connect under
+   way, connected, ended), in batches (Reactor.report); OwnedConnection.wake tells the Sink
+   every step it missed, in order, in the trio thread. The connect and idle deadlines are on
+   trio's clock, in the reactor's heap of deadlines.
 4. max_connections: at the limit the listeners leave the epoll set and the kernel's backlog
    holds the rest; below it they come back.
 5. stop() takes the listeners out of the epoll set (the caller closes its own sockets);
@@ -166,7 +167,7 @@ class OwnedConnection(splice.Connection):
             reactor.timed += 1
             route.count(+1)
             route.sink.started(self)
-            if (deadline := self.deadline()) < math.inf:
+            if not self.over and (deadline := self.deadline()) < math.inf:
                 reactor.expire_at(deadline, self)
         if self.heard == 1 and self.connect_seconds is not None:
             self.heard = 2
@@ -193,17 +194,22 @@ class OwnedConnection(splice.Connection):
             self.route.connecting[self.down.src] = self
             self.backend_mask = OUT
             self.reactor.watch(self.down.src, 0, OUT, self.route)
+            self.reactor.report(self)  # trio arms the connect deadline
         except OSError as exc:
             self.connect_failed(exc)
         else:
-            self.connected()
+            self._relay()
 
     def connected(self) -> None:
-        """The backend is connected (or its connect failed: SO_ERROR says): start relaying."""
+        """The backend's connect finished, connected or not (SO_ERROR says)."""
         error = self.sockets[1].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             self.connect_failed(OSError(error, os.strerror(error)))
-            return
+        else:
+            self._relay()
+
+    def _relay(self) -> None:
+        """The backend is connected: start relaying."""
         self.connecting = False
         now = self.reactor.clock.current_time()
         self.connect_seconds = now - self.started
@@ -434,8 +440,7 @@ class OwnedRoute:
             except OSError as exc:  # EMFILE, ENFILE: this connection alone fails
                 error = exc
         conn = OwnedConnection(self, client, peer, backend)
-        self.live.add(conn)
-        self.reactor.report(conn)
+        self.live.add(conn)  # trio hears of it at its next change (OwnedConnection.wake)
         if backend is None:
             if error is None:
                 conn.refuse()
